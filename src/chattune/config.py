@@ -1,0 +1,248 @@
+"""The one typed config tree: YAML + key=value overrides -> RunConfig.
+
+Defaults live in the schema; every field has one line of help (shown by
+`chattune config --help-keys`). Validation happens once, here, and reports every
+problem at once with its key path and a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chattune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("smollm2-135m", description="packaged alias, local HF folder, .gguf file or hub id")
+    source: Literal["auto", "hf", "modelscope"] = Field("auto", description="where a hub id is fetched from")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="compute dtype; auto = bf16 where the hardware runs it fast, else fp16 on GPU / fp32 on CPU"
+    )
+    chat_template: str | None = Field(
+        None, description="builtin template name (chatml, glm4, llama3, gemma) or a .jinja path; default: the tokenizer's own"
+    )
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (only for models you trust)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
+
+
+class DataConfig(_Section):
+    train: list[str] = Field(default_factory=list, description="training data file(s): .json, .jsonl, .csv, .parquet")
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field("auto", description="record layout of the data files")
+    system: str | None = Field(None, description="system prompt for samples that carry none")
+    instruction_as: Literal["user", "system"] = Field(
+        "user",
+        description="alpaca: 'user' joins instruction+input as the user turn; 'system' makes the instruction the system prompt and input the user turn",
+    )
+    max_length: int = Field(1024, ge=16, description="tokens per sample; longer samples are truncated or dropped (see overlength)")
+    overlength: Literal["truncate", "drop"] = Field("truncate", description="what to do with samples longer than max_length")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="which assistant turns are supervised"
+    )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra variables for the chat template, e.g. {enable_thinking: false}"
+    )
+    on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or skip it and report")
+    limit: int | None = Field(None, ge=1, description="use only the first N records of the training data")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, le=4096, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or all-linear"
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all-linear":
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3, gt=0, description="passes over the training data")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: use epochs)")
+    batch_size: int = Field(4, ge=1, description="samples per device per forward pass")
+    grad_accum: int = Field(4, ge=1, description="forward passes per optimizer step")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule"
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    logging_steps: int = Field(1, ge=1, description="log every N optimizer steps")
+    save_steps: int = Field(100, ge=1, description="save a checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept on disk")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations to save memory; auto = on for models over 1B parameters"
+    )
+    padding_free: bool = Field(True, description="flatten each batch without padding (exact sequence boundaries)")
+    seed: int = Field(42, description="random seed for data order and initialisation")
+
+
+class TrackingConfig(_Section):
+    backends: list[Literal["swanlab", "tensorboard", "wandb", "none"]] = Field(
+        default_factory=lambda: ["none"], description="experiment trackers; metrics.jsonl is always written"
+    )
+    probe_size: int = Field(5, ge=0, description="rows answered before training and after every epoch")
+    probe_file: str | None = Field(None, description="probe questions file; default: the first rows of the training data")
+    probe_holdout: bool = Field(True, description="keep probe rows taken from the training data out of training")
+    probe_max_new_tokens: int = Field(96, ge=1, description="answer length limit for probes")
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output_dir: str = Field("runs/run", description="run directory: adapter, tokenizer, metrics, predictions")
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "RunConfig":
+        if not self.data.train:
+            raise ValueError("data.train is empty: name at least one training file")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path | None = None) -> RunConfig:
+    """Read a YAML file (or nothing), apply key=value overrides, validate everything at once."""
+    raw: dict[str, Any] = {}
+    where = str(path) if path else "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config file not found", where=str(path), fix="check the path, e.g. configs/demo.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            loc = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(
+                f"not valid YAML ({getattr(exc, 'problem', exc)})", where=loc, fix="fix the YAML syntax at that line"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("the top level must be a mapping of sections (model:, data:, ...)", where=str(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = validate(raw, where=where)
+    return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
+
+
+def validate(raw: dict[str, Any], *, where: str = "config") -> RunConfig:
+    """Build a RunConfig, turning every pydantic error into one ConfigError listing all of them."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, raw) for err in exc.errors()]
+        raise ConfigError(
+            f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
+            where=where,
+            fix="see `chattune keys` for every key with its help",
+        ) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. train.epochs=2 or lora.r=64")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section", fix="check the key path")
+    # YAML parsing gives numbers, booleans, lists ([a, b]) and null for free.
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        section_model = _model_at(loc[:-1])
+        names = list(section_model.model_fields) if section_model else []
+        close = difflib.get_close_matches(loc[-1], names, n=1)
+        hint = f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else f"; known keys here: {', '.join(names)}"
+        return f"{key}: unknown key{hint}"
+    got = _value_at(raw, err["loc"])
+    shown = f" (got {got!r})" if got is not _MISSING else ""
+    return f"{key}: {err['msg']}{shown}"
+
+
+_MISSING = object()
+
+
+def _value_at(raw: Any, loc: tuple) -> Any:
+    for p in loc:
+        if isinstance(raw, dict) and p in raw:
+            raw = raw[p]
+        elif isinstance(raw, list) and isinstance(p, int) and p < len(raw):
+            raw = raw[p]
+        else:
+            return _MISSING
+    return raw
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Relative data paths are taken from where the command runs; keep them as given if they exist."""
+    def fix(p: str | None) -> str | None:
+        if p is None or Path(p).is_absolute():
+            return p
+        return str((base / p)) if (base / p).exists() else p
+
+    cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.tracking.probe_file = fix(cfg.tracking.probe_file)
+    return cfg
+
+
+def dump(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (the run directory's run_config.yaml)."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = ""):
+    """Yield (key path, default, help) for every leaf key: the CLI's `chattune keys` listing."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from iter_keys(ann, f"{prefix}{name}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            yield f"{prefix}{name}", default, field.description or ""

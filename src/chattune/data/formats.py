@@ -1,0 +1,335 @@
+"""Data files -> records -> Conversations.
+
+Reads .json (a list), .jsonl, .csv and .parquet files; recognises alpaca,
+sharegpt and OpenAI-messages records; and turns each into a Conversation: a
+list of {"role", "content"} messages that tokenizer chat templates accept.
+Every record keeps its location ("file:line") so errors point at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from chattune.errors import DataError
+
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "function_call": "assistant",
+    "system": "system",
+    "observation": "tool", "tool": "tool", "function_response": "tool",
+}
+MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
+FORMATS = ("alpaca", "sharegpt", "messages")
+
+
+@dataclass
+class Conversation:
+    """One training sample: chat messages plus where they came from."""
+
+    messages: list[dict[str, str]]
+    where: str
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """Everything before the last assistant turn (what a user would send)."""
+        return self.messages[:-1]
+
+    @property
+    def reference(self) -> str:
+        """The last assistant answer (the ground truth for probes and evaluation)."""
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class Record:
+    data: Any
+    where: str
+
+
+@dataclass
+class LoadReport:
+    """What loading kept and skipped, for the terminal and the run directory."""
+
+    kept: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    per_file: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# files -> records
+
+
+def read_records(path: str | Path) -> Iterator[Record]:
+    """Yield the raw records of one file, each with its 'file:line' (or 'file:row N') location."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", where=str(path), fix="check data.train / --data (paths are relative to where you run chattune)")
+    if path.is_dir():
+        raise DataError("is a folder, not a data file", where=str(path), fix="name a .json, .jsonl, .csv or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise DataError(f"unsupported file type {suffix or '(none)'!r}", where=str(path), fix="use .json (a list), .jsonl, .csv or .parquet")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError("file is empty", where=str(path), fix="add records or remove the file from the config")
+    if suffix == ".json":
+        yield from _read_json(path, text)
+    elif suffix == ".jsonl":
+        yield from _read_jsonl(path, text)
+    else:
+        yield from _read_csv(path, text)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read file ({exc.strerror})", where=str(path), fix="check the file's permissions") from None
+    try:
+        return raw.decode("utf-8-sig")  # a leading BOM is common in files saved on Windows
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"byte {exc.start} is not valid UTF-8 ({raw[exc.start:exc.start + 1]!r})",
+            where=f"{path}:{line}",
+            fix="re-save the file as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.json > out.json`",
+        ) from None
+
+
+def _read_json(path: Path, text: str) -> Iterator[Record]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"not valid JSON: {exc.msg} (column {exc.colno})",
+            where=f"{path}:{exc.lineno}",
+            fix="fix the syntax there; a file with one JSON object per line must be named .jsonl",
+        ) from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} wrappers are common
+    if not isinstance(data, list):
+        raise DataError(
+            f"the top level is a JSON {type(data).__name__}, expected a list of records",
+            where=str(path),
+            fix="wrap the records in [ ... ], or use .jsonl with one record per line",
+        )
+    # Line numbers of list items are not kept by json; record indices are exact and easy to find.
+    for i, item in enumerate(data):
+        yield Record(item, f"{path}[{i}]")
+
+
+def _read_jsonl(path: Path, text: str) -> Iterator[Record]:
+    for lineno, line in enumerate(io.StringIO(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield Record(json.loads(line), f"{path}:{lineno}")
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"line is not valid JSON: {exc.msg} (column {exc.colno})",
+                where=f"{path}:{lineno}",
+                fix="each line of a .jsonl file must be one complete JSON object",
+            ) from None
+
+
+def _read_csv(path: Path, text: str) -> Iterator[Record]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise DataError("CSV has no header row", where=str(path), fix="the first line must name the columns, e.g. instruction,input,output")
+    line = reader.line_num
+    for row in reader:
+        yield Record({k: v for k, v in row.items() if k is not None}, f"{path}:{line + 1}")
+        line = reader.line_num
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(f"cannot read parquet ({exc})", where=str(path), fix="re-export the file, or convert it to .jsonl") from None
+    for i, row in enumerate(rows):
+        yield Record(row, f"{path}:row {i + 1}")
+
+
+# ---------------------------------------------------------------------------
+# records -> conversations
+
+
+def detect_format(record: Any, where: str) -> str:
+    """Guess the record layout from its keys."""
+    if isinstance(record, dict):
+        if "conversations" in record:
+            return "sharegpt"
+        if "messages" in record:
+            return "messages"
+        if "output" in record or "instruction" in record:
+            return "alpaca"
+        keys = ", ".join(map(str, record)) or "none"
+    else:
+        keys = f"a {type(record).__name__}, not an object"
+    raise DataError(
+        f"cannot tell the record format (keys: {keys})",
+        where=where,
+        fix="use alpaca (instruction/input/output), sharegpt (conversations) or messages (messages), "
+        "or rename columns with `chattune data convert --map`",
+    )
+
+
+def to_conversation(
+    record: Any, where: str, fmt: str, *, system: str | None = None, instruction_as: str = "user"
+) -> Conversation:
+    """Convert one raw record of format `fmt` to a validated Conversation."""
+    if not isinstance(record, dict):
+        raise DataError(f"record is a {type(record).__name__}, expected an object", where=where, fix="each record must be a JSON object")
+    if fmt == "alpaca":
+        messages = _from_alpaca(record, where, system, instruction_as)
+    elif fmt == "sharegpt":
+        messages = _from_roles(record, "conversations", "from", "value", SHAREGPT_ROLES, where)
+    elif fmt == "messages":
+        messages = _from_roles(record, "messages", "role", "content", {r: r for r in MESSAGE_ROLES}, where)
+    else:
+        raise DataError(f"unknown format {fmt!r}", where=where, fix=f"data.format must be auto or one of {', '.join(FORMATS)}")
+    if fmt != "alpaca":
+        record_system = record.get("system")
+        if messages[0]["role"] != "system":
+            sys_text = record_system if isinstance(record_system, str) and record_system.strip() else system
+            if sys_text:
+                messages.insert(0, {"role": "system", "content": sys_text})
+    _check_order(messages, where)
+    return Conversation(messages, where)
+
+
+def _text(record: dict, key: str, where: str, *, required: bool) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise DataError(f'field "{key}" is missing', where=where, fix=f'add "{key}", or set data.on_bad_record=skip')
+        return ""
+    if not isinstance(value, str):
+        raise DataError(
+            f'field "{key}" is a {type(value).__name__}, expected text', where=where, fix=f'quote the value of "{key}"'
+        )
+    if required and not value.strip():
+        raise DataError(f'field "{key}" is empty', where=where, fix="fill it or set data.on_bad_record=skip")
+    return value
+
+
+def _from_alpaca(record: dict, where: str, system: str | None, instruction_as: str) -> list[dict[str, str]]:
+    instruction = _text(record, "instruction", where, required=False).strip()
+    inp = _text(record, "input", where, required=False).strip()
+    output = _text(record, "output", where, required=True)
+    sys_text = _text(record, "system", where, required=False).strip() or system
+    if instruction_as == "system":
+        # The legal Q&A recipe: the (fixed) instruction is the system prompt, the input is the question.
+        sys_text = instruction or sys_text
+        user = inp or (instruction if not sys_text else "")
+        if not user:
+            raise DataError(
+                'field "input" is empty, but data.instruction_as=system makes it the user turn',
+                where=where,
+                fix="fill input, or set data.instruction_as=user",
+            )
+    else:
+        user = "\n".join(p for p in (instruction, inp) if p)
+        if not user:
+            raise DataError('fields "instruction" and "input" are both empty', where=where, fix="give the question in instruction or input")
+    messages: list[dict[str, str]] = []
+    if sys_text:
+        messages.append({"role": "system", "content": sys_text})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError('field "history" must be a list of [question, answer] pairs', where=where)
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise DataError(f"history[{i}] is not a [question, answer] pair of non-empty texts", where=where)
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return messages
+
+
+def _from_roles(record: dict, key: str, role_key: str, text_key: str, roles: dict[str, str], where: str) -> list[dict[str, str]]:
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f'field "{key}" must be a non-empty list of turns', where=where, fix=f'give "{key}": [{{"{role_key}": ..., "{text_key}": ...}}, ...]')
+    messages = []
+    for i, turn in enumerate(turns):
+        at = f"{where} {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"turn is a {type(turn).__name__}, expected an object", where=at)
+        role = turn.get(role_key)
+        if role not in roles:
+            raise DataError(
+                f'unknown role {role!r} in "{role_key}"',
+                where=at,
+                fix=f"use one of: {', '.join(sorted(roles))}",
+            )
+        content = turn.get(text_key)
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f'"{text_key}" is missing, empty or not text', where=at, fix="give every turn some text")
+        messages.append({"role": roles[role], "content": content})
+    return messages
+
+
+def _check_order(messages: list[dict[str, str]], where: str) -> None:
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    if "system" in body:
+        raise DataError("a system turn appears after the start", where=where, fix="put the system prompt first, or drop it")
+    if not body or body[0] != "user":
+        raise DataError("the conversation must start with a user turn (after an optional system prompt)", where=where)
+    if "assistant" not in body:
+        raise DataError("the conversation has no assistant turn, so nothing can be learned from it", where=where, fix="add the answer, or set data.on_bad_record=skip")
+    if body[-1] != "assistant":
+        raise DataError(f"the conversation ends with a {body[-1]} turn; the last turn must be the assistant's answer", where=where)
+    for prev, cur in zip(body, body[1:]):
+        if prev == cur and cur in ("user", "assistant"):
+            raise DataError(f"two {cur} turns in a row; user and assistant turns must alternate", where=where, fix="merge the two turns into one")
+
+
+# ---------------------------------------------------------------------------
+# the public entry point
+
+
+def load_conversations(
+    paths: Iterable[str | Path],
+    *,
+    fmt: str = "auto",
+    system: str | None = None,
+    instruction_as: str = "user",
+    on_bad_record: str = "error",
+    limit: int | None = None,
+) -> tuple[list[Conversation], LoadReport]:
+    """Read every file, convert every record; bad records raise or are skipped and reported."""
+    conversations: list[Conversation] = []
+    report = LoadReport()
+    for path in paths:
+        file_fmt = None if fmt == "auto" else fmt
+        count = 0
+        for rec in read_records(path):
+            try:
+                file_fmt = file_fmt or detect_format(rec.data, rec.where)
+                conversations.append(to_conversation(rec.data, rec.where, file_fmt, system=system, instruction_as=instruction_as))
+                count += 1
+            except DataError as exc:
+                if on_bad_record != "skip" or file_fmt is None:
+                    raise
+                report.skipped.append((rec.where, exc.what))
+            if limit and len(conversations) >= limit:
+                break
+        report.per_file[str(path)] = count
+        if limit and len(conversations) >= limit:
+            break
+    report.kept = len(conversations)
+    if not conversations:
+        raise DataError("no usable records", where=", ".join(map(str, paths)), fix="check the files and data.format")
+    return conversations, report

@@ -1,0 +1,201 @@
+"""Conversations -> input_ids + labels, with the tokenizer's own chat template.
+
+Labels come from diffing renders of growing prefixes: for assistant turn i, the
+prompt is render(messages[:i], add_generation_prompt=True) — exactly what
+inference feeds the model — and the answer is what render(messages[:i+1]) adds
+after it, up to and including the turn's end-of-turn special token. If the
+prompt is not a prefix of that render, training could never match inference
+and we stop with a TemplateError instead of guessing.
+
+Templates that render earlier turns differently from the last one (Qwen3 drops
+<think> blocks from history) cannot supervise every turn in one sequence; such
+conversations become one sample per assistant turn, each identical to its
+inference context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from chattune.data.formats import Conversation
+from chattune.errors import TemplateError
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    """One training sequence: token ids and labels (-100 where not supervised)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+
+
+@dataclass
+class RenderStats:
+    """Counts the terminal and the run directory report after rendering."""
+
+    conversations: int = 0
+    samples: int = 0
+    split_per_turn: int = 0
+    truncated: int = 0
+    lost_end_of_turn: int = 0
+    dropped_overlength: int = 0
+    dropped_no_labels: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    examples_truncated: list[str] = field(default_factory=list)
+
+    def summary(self, max_length: int) -> list[str]:
+        """Human lines about what rendering changed; empty when nothing notable happened."""
+        lines = []
+        if self.split_per_turn:
+            lines.append(
+                f"{self.split_per_turn} multi-turn conversation(s) split into one sample per assistant turn "
+                "(the template renders history differently from the last turn)"
+            )
+        if self.truncated:
+            lines.append(
+                f"{self.truncated} sample(s) longer than max_length={max_length} were truncated "
+                f"({self.lost_end_of_turn} lost their end-of-turn token, e.g. {', '.join(self.examples_truncated[:3])}); "
+                "raise data.max_length or set data.overlength=drop"
+            )
+        if self.dropped_overlength:
+            lines.append(f"{self.dropped_overlength} sample(s) longer than max_length={max_length} were dropped (data.overlength=drop)")
+        if self.dropped_no_labels:
+            lines.append(f"{self.dropped_no_labels} sample(s) dropped: the prompt alone fills max_length={max_length}")
+        return lines
+
+
+class ChatRenderer:
+    """Renders conversations with one tokenizer + template, for training and for inference alike."""
+
+    def __init__(self, tokenizer: Any, template_kwargs: dict[str, Any] | None = None):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "the tokenizer has no chat template",
+                fix="set model.chat_template to chatml, glm4, llama3, gemma or a .jinja file",
+            )
+        self.tokenizer = tokenizer
+        self.template_kwargs = dict(template_kwargs or {})
+        self.special_ids = set(tokenizer.all_special_ids)
+        self.special_ids |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+
+    # -- rendering ---------------------------------------------------------
+
+    def text(self, messages: Sequence[dict[str, str]], *, generation_prompt: bool) -> str:
+        """The template's text for these messages."""
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, **self.template_kwargs
+        )
+
+    def ids(self, messages: Sequence[dict[str, str]], *, generation_prompt: bool) -> list[int]:
+        """Token ids of the rendered messages (no extra BOS: templates write their own)."""
+        return self.tokenizer(self.text(messages, generation_prompt=generation_prompt), add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """What inference feeds the model: the conversation so far plus the generation prompt."""
+        return self.ids(messages, generation_prompt=True)
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Token ids that close an assistant turn under this template, plus the tokenizer's eos."""
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        prompt = self.ids(probe[:1], generation_prompt=True)
+        full = self.ids(probe, generation_prompt=False)
+        ids = []
+        end = self._answer_end(full, len(prompt))
+        if end is not None:
+            ids.append(full[end - 1])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos not in ids:
+            ids.append(eos)
+        return ids
+
+    # -- labels ------------------------------------------------------------
+
+    def _answer_end(self, ids: list[int], start: int) -> int | None:
+        """Index after the last special token in ids[start:] (the turn's end-of-turn token)."""
+        for k in range(len(ids) - 1, start - 1, -1):
+            if ids[k] in self.special_ids:
+                return k + 1
+        return None
+
+    def _turn_span(self, messages: list[dict[str, str]], i: int, where: str) -> tuple[list[int], int, int]:
+        """(ids of messages[:i+1], answer start, answer end) for assistant turn i, with the parity checks."""
+        prompt = self.ids(messages[:i], generation_prompt=True)
+        full = self.ids(messages[: i + 1], generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            k = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+            raise TemplateError(
+                "the template is not prefix-stable: the generation prompt "
+                f"{self.tokenizer.decode(prompt[k:k + 12])!r} differs from how the assistant turn is rendered "
+                f"{self.tokenizer.decode(full[k:k + 12])!r} (token {k}), so training would not match inference",
+                where=where,
+                fix="fix the template's add_generation_prompt branch, or choose another with model.chat_template",
+            )
+        end = self._answer_end(full, len(prompt))
+        if end is None:
+            raise TemplateError(
+                "the assistant turn is not closed by an end-of-turn special token, so the model would never learn to stop",
+                where=where,
+                fix="use a template that ends assistant turns with a special token (e.g. <|im_end|>), see model.chat_template",
+            )
+        return full, len(prompt), end
+
+    def render(self, conv: Conversation, *, train_on: str = "all_assistant") -> tuple[list[Sample], bool]:
+        """Samples for one conversation, and whether it had to be split per assistant turn."""
+        msgs = conv.messages
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if train_on == "last_assistant":
+            turns = turns[-1:]
+        spans = [self._turn_span(msgs, i, conv.where) for i in turns]
+        last_ids = spans[-1][0]
+        # One sequence works when every turn's render is a prefix of the last one.
+        if all(last_ids[:end] == ids[:end] for ids, _, end in spans):
+            labels = [IGNORE] * len(last_ids)
+            for _, start, end in spans:
+                labels[start:end] = last_ids[start:end]
+            stop = spans[-1][2]
+            return [Sample(last_ids[:stop], labels[:stop], conv.where)], False
+        samples = []
+        for ids, start, end in spans:
+            samples.append(Sample(ids[:end], [IGNORE] * start + ids[start:end], conv.where))
+        return samples, True
+
+
+def render_all(
+    renderer: ChatRenderer,
+    conversations: Sequence[Conversation],
+    *,
+    max_length: int,
+    overlength: str = "truncate",
+    train_on: str = "all_assistant",
+) -> tuple[list[Sample], RenderStats]:
+    """Render every conversation, apply max_length, and count what was truncated or dropped."""
+    stats = RenderStats(conversations=len(conversations))
+    out: list[Sample] = []
+    for conv in conversations:
+        samples, split = renderer.render(conv, train_on=train_on)
+        stats.split_per_turn += split
+        for s in samples:
+            if len(s.input_ids) > max_length:
+                if overlength == "drop":
+                    stats.dropped_overlength += 1
+                    continue
+                stats.truncated += 1
+                if len(stats.examples_truncated) < 5:
+                    stats.examples_truncated.append(s.where)
+                # Right-truncation cuts the end of the answer, and with it the end-of-turn token.
+                stats.lost_end_of_turn += s.labels[-1] != IGNORE
+                s = Sample(s.input_ids[:max_length], s.labels[:max_length], s.where)
+            supervised = sum(l != IGNORE for l in s.labels)
+            if supervised == 0:
+                stats.dropped_no_labels += 1
+                continue
+            stats.tokens += len(s.input_ids)
+            stats.supervised_tokens += supervised
+            out.append(s)
+    stats.samples = len(out)
+    return out, stats

@@ -1,0 +1,106 @@
+"""`chattune chat`: a streaming multi-turn REPL, or one answer with --prompt."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Iterator, TextIO
+
+import torch
+
+from chattune.infer.generate import inference_mode, left_pad
+from chattune.infer.session import Session, load_session, with_system
+
+HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits"
+
+
+def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_tokens: int = 512,
+                  do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated; stops at an end-of-turn token."""
+    from transformers import TextIteratorStreamer
+
+    tok = session.renderer.tokenizer
+    ids, mask = left_pad([session.renderer.prompt_ids(messages)], tok.pad_token_id)
+    device = next(session.model.parameters()).device
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with inference_mode(session.model):
+                session.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
+                                       max_new_tokens=max_new_tokens, eos_token_id=session.renderer.end_of_turn_ids(),
+                                       pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+        except BaseException as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def answer_once(session: Session, prompt: str, *, system: str | None, out: TextIO = sys.stdout, **gen) -> str:
+    """Print only the answer to one prompt (for scripts) and return it."""
+    messages = with_system([{"role": "user", "content": prompt}], system)
+    parts = []
+    for piece in stream_answer(session, messages, **gen):
+        out.write(piece)
+        out.flush()
+        parts.append(piece)
+    out.write("\n")
+    return "".join(parts).strip()
+
+
+def repl(session: Session, *, system: str | None, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, **gen) -> None:
+    """Read a line, stream the answer, keep the history; /reset, /system, /exit."""
+    history: list[dict[str, str]] = []
+    out.write(f"chatting with {session.run_dir.root} — {HELP}\n")
+    while True:
+        out.write("\nyou> ")
+        out.flush()
+        line = inp.readline()
+        if not line:
+            out.write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = []
+            out.write("(history cleared)\n")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            out.write(f"(system prompt {'set' if system else 'cleared'}; history cleared)\n")
+            continue
+        if line.startswith("/"):
+            out.write(f"unknown command — {HELP}\n")
+            continue
+        history.append({"role": "user", "content": line})
+        out.write("bot> ")
+        parts = []
+        for piece in stream_answer(session, with_system(history, system), **gen):
+            out.write(piece)
+            out.flush()
+            parts.append(piece)
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+
+
+def run(run_path: str, *, prompt: str | None = None, system: str | None = None, **gen) -> None:
+    """Entry point of `chattune chat`."""
+    torch.set_grad_enabled(False)
+    session = load_session(run_path)
+    system = system if system is not None else session.system
+    if prompt is not None:
+        answer_once(session, prompt, system=system, **gen)
+    else:
+        repl(session, system=system, **gen)

@@ -1,0 +1,84 @@
+"""Batched generation: left-padded batches, greedy by default, the run's template and stop tokens.
+
+Used by probes during training, evaluation, predict and the server alike, so
+every verb answers with the same rendering and stopping rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from chattune.data.render import ChatRenderer
+
+
+@contextlib.contextmanager
+def inference_mode(model: Any) -> Iterator[None]:
+    """Eval mode (dropout off) with the KV cache on, then the previous mode and cache setting restored."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    old_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = True
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if config is not None:
+            config.use_cache = old_cache
+        model.train(was_training)
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def generate_batch(
+    model: Any,
+    renderer: ChatRenderer,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    progress: Any = None,
+) -> list[str]:
+    """Answer every prompt (a list of messages); greedy unless do_sample. Order is preserved."""
+    tok = renderer.tokenizer
+    encoded = [renderer.prompt_ids(p) for p in prompts]
+    # Sorting by length keeps padding (wasted compute) low; answers go back in input order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    eos = renderer.end_of_turn_ids()
+    device = next(model.parameters()).device
+    answers: list[str] = [""] * len(encoded)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    with inference_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = left_pad([encoded[i] for i in idx], tok.pad_token_id)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
+                use_cache=True,
+                **sampling,
+            )
+            for row, i in enumerate(idx):
+                answers[i] = tok.decode(out[row, ids.shape[1]:], skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(idx))
+    return answers

@@ -1,0 +1,57 @@
+"""Load a trained run (or its base model) for inference, exactly as it was trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chattune.config import RunConfig
+from chattune.data.render import ChatRenderer
+from chattune.model.load import load_model, resolve_dtype
+from chattune.model.sources import resolve_model_dir
+from chattune.rundir import RunDir
+
+
+@dataclass
+class Session:
+    """A model ready to answer, with the renderer (template, stop tokens) used in training."""
+
+    model: Any
+    renderer: ChatRenderer
+    cfg: RunConfig
+    run_dir: RunDir
+
+    @property
+    def system(self) -> str | None:
+        """The system prompt training used by default."""
+        return self.cfg.data.system
+
+
+def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
+    """The run's tokenizer and template, its base model, and (unless base_only) the trained adapter."""
+    from transformers import AutoTokenizer
+
+    run_dir = RunDir(Path(run_path))
+    cfg = run_dir.load_config()
+    if not base_only:
+        run_dir.require_adapter()
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer))
+    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
+    renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
+    model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_dir, cfg.model, dtype=resolve_dtype(cfg.model.dtype))
+    if not base_only:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run_dir.adapter))
+    model.eval()
+    return Session(model, renderer, cfg, run_dir)
+
+
+def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """Prepend a system prompt unless the conversation already has one."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages

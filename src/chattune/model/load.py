@@ -1,0 +1,133 @@
+"""Tokenizer and model loading: dtype, chat template, pad token, attention kernel."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chattune.config import ModelConfig
+from chattune.errors import ModelError, TemplateError
+
+log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+BUILTIN_TEMPLATES = sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+# Tokens that can pad without colliding with an end-of-turn token, in order of preference.
+_PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<unk>", "<|fim_pad|>")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map model.dtype to a torch dtype; auto picks bf16 wherever it is fast."""
+    if name != "auto":
+        return _DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def read_template(spec: str) -> str:
+    """The Jinja text of a builtin template name or a .jinja file path."""
+    if spec in BUILTIN_TEMPLATES:
+        return (TEMPLATES_DIR / f"{spec}.jinja").read_text(encoding="utf-8")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise TemplateError(
+        f"chat template {spec!r} is neither a builtin name nor a file",
+        where="model.chat_template",
+        fix=f"use one of {', '.join(BUILTIN_TEMPLATES)} or the path of a .jinja file",
+    )
+
+
+def load_tokenizer(model_dir: str | Path, cfg: ModelConfig) -> Any:
+    """The model's tokenizer with the configured chat template and a pad token that is not end-of-turn."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # transformers raises many types here
+        raise _model_error(exc, model_dir, "tokenizer") from None
+    if cfg.chat_template:
+        tok.chat_template = read_template(cfg.chat_template)
+    elif not tok.chat_template:
+        raise TemplateError(
+            "the tokenizer ships no chat template (a base model?)",
+            where=str(model_dir),
+            fix=f"set model.chat_template to one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file",
+        )
+    _choose_pad(tok)
+    return tok
+
+
+def _choose_pad(tok: Any) -> None:
+    # Padding with the end-of-turn token is harmless for our own labels (built
+    # separately) but not for collators that mask pad ids; pick a neutral token.
+    eos = tok.eos_token_id
+    if tok.pad_token_id is not None and tok.pad_token_id != eos:
+        return
+    vocab = tok.get_vocab()
+    for cand in _PAD_CANDIDATES:
+        if cand in vocab and vocab[cand] != eos:
+            tok.pad_token = cand
+            return
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # attention masks still keep it out of every loss
+
+
+def load_model(model_dir: str | Path, cfg: ModelConfig, *, dtype: torch.dtype, device_map: Any = None, **extra: Any) -> Any:
+    """A causal LM from a local folder, in `dtype`, with the configured attention kernel."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            device_map=device_map,
+            **extra,
+        )
+    except Exception as exc:
+        raise _model_error(exc, model_dir, "model") from None
+    return model
+
+
+def _model_error(exc: Exception, model_dir: str | Path, what: str) -> ModelError:
+    msg = str(exc)
+    if "trust_remote_code" in msg:
+        return ModelError(
+            f"the {what} needs its own Python code from the model folder",
+            where=str(model_dir),
+            fix="set model.trust_remote_code=true if you trust this model's code",
+        )
+    if "flash_attn" in msg or "flash_attention" in msg.lower():
+        return ModelError(
+            f"attention implementation unavailable ({msg.splitlines()[0]})",
+            where="model.attn_implementation",
+            fix="install flash-attn on a CUDA machine, or use sdpa",
+        )
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    return ModelError(f"cannot load the {what}: {first}", where=str(model_dir), fix="check that the folder is a complete Hugging Face model")
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,132 @@
+"""Trainer callbacks: progress bar, metrics.jsonl, and prediction probes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from transformers import TrainerCallback
+
+from chattune.data.formats import Conversation
+from chattune.data.render import ChatRenderer
+from chattune.infer.generate import generate_batch
+from chattune.rundir import append_jsonl
+
+
+class TokenCounter:
+    """Wraps a collator and counts the real (non-padding) tokens it hands to the model."""
+
+    def __init__(self, collate: Callable[[list[dict]], dict]):
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.collate(features)
+
+
+class ProgressAndMetrics(TrainerCallback):
+    """A progress bar with loss and tokens/s, and one metrics.jsonl line per logging step."""
+
+    def __init__(self, metrics_path: Path, counter: TokenCounter, sinks: Sequence[Callable[[dict, int], None]] = ()):
+        self.metrics_path = metrics_path
+        self.counter = counter
+        self.sinks = list(sinks)
+        self.bar = None
+        self._step_started = 0.0
+        self._train_time = 0.0  # seconds inside optimizer steps since the last log (probes excluded)
+        self._tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
+        self._train_time, self._tokens0 = 0.0, self.counter.tokens
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self._train_time += time.perf_counter() - self._step_started
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        if "loss" not in logs:
+            return
+        # The batches of the step being logged were collated before on_step_begin fired, so
+        # counting tokens here and time inside steps measures the same steps.
+        tps = (self.counter.tokens - self._tokens0) / max(self._train_time, 1e-9)
+        self._train_time, self._tokens0 = 0.0, self.counter.tokens
+        row = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "loss": logs.get("loss"),
+            "grad_norm": logs.get("grad_norm"),
+            "learning_rate": logs.get("learning_rate"),
+            "tokens_per_s": round(tps, 1),
+        }
+        if state.is_world_process_zero:
+            append_jsonl(self.metrics_path, row)
+            for sink in self.sinks:
+                sink(row, state.global_step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}", tok_s=f"{tps:.0f}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class PredictionProbes(TrainerCallback):
+    """Answers the probe questions before training (epoch 0) and after every epoch.
+
+    Writes predictions/epoch_K.jsonl and hands the rows to the tracking sinks.
+    """
+
+    def __init__(
+        self,
+        probes: Sequence[Conversation],
+        renderer: ChatRenderer,
+        out_dir: Path,
+        *,
+        max_new_tokens: int,
+        sinks: Sequence[Callable[[list[dict], int, int], None]] = (),
+    ):
+        self.probes = list(probes)
+        self.renderer = renderer
+        self.out_dir = out_dir
+        self.max_new_tokens = max_new_tokens
+        self.sinks = list(sinks)
+        self.done: dict[int, list[dict]] = {}
+
+    def answer(self, model: Any, epoch: int, step: int) -> list[dict]:
+        """Generate, write and log the probe answers for one epoch."""
+        answers = generate_batch(
+            model, self.renderer, [p.prompt for p in self.probes], max_new_tokens=self.max_new_tokens, batch_size=len(self.probes)
+        )
+        rows = [
+            {"epoch": epoch, "step": step, "question": p.prompt[-1]["content"], "answer": a, "reference": p.reference, "where": p.where}
+            for p, a in zip(self.probes, answers)
+        ]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"epoch_{epoch}.jsonl"
+        path.unlink(missing_ok=True)
+        for row in rows:
+            append_jsonl(path, row)
+        for sink in self.sinks:
+            sink(rows, epoch, step)
+        self.done[epoch] = rows
+        return rows
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if self.probes and state.is_world_process_zero and state.global_step == 0:
+            self.answer(model, 0, 0)
+
+    def on_epoch_end(self, args, state, control, model=None, **kw):
+        if self.probes and state.is_world_process_zero:
+            self.answer(model, max(1, round(state.epoch or 0)), state.global_step)

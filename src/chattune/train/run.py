@@ -1,0 +1,241 @@
+"""`chattune train`: the spine. Each step is a small named function below it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chattune import config as config_mod
+from chattune.config import RunConfig
+from chattune.data.collate import SampleDataset, make_collate
+from chattune.data.formats import Conversation, LoadReport, load_conversations
+from chattune.data.render import ChatRenderer, RenderStats, Sample, render_all
+from chattune.errors import ConfigError, RunDirError
+from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
+from chattune.model.lora import apply_lora
+from chattune.model.sources import resolve_model_dir
+from chattune.rundir import RunDir, read_jsonl, write_json
+from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, TokenCounter
+
+log = logging.getLogger("chattune")
+
+
+def run(cfg: RunConfig, *, overwrite: bool = False) -> RunDir:
+    """Fine-tune cfg.model on cfg.data with LoRA and write a complete run directory."""
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+    model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
+    renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
+    conversations, load_report = load_training_data(cfg)
+    probes, conversations = split_probes(cfg, conversations)
+    samples, stats = render_all(renderer, conversations, max_length=cfg.data.max_length,
+                                overlength=cfg.data.overlength, train_on=cfg.data.train_on)
+    report_data(run_dir, load_report, stats, cfg, n_probes=len(probes))
+    save_inference_assets(run_dir, cfg, tokenizer)
+    dtype = resolve_dtype(cfg.model.dtype)
+    model = load_model(model_dir, cfg.model, dtype=dtype)
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
+    model_info = describe_model(run_dir, model, dtype)
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, samples, probes, renderer, dtype)
+    started = time.perf_counter()
+    result = trainer.train()
+    trainer.model.save_pretrained(run_dir.adapter)
+    return finish(run_dir, result, started, model_info, trainer)
+
+
+# ---------------------------------------------------------------------------
+# the steps
+
+
+def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> RunDir:
+    """Create the run directory; refuse to train over a finished run unless told to."""
+    run_dir = RunDir(Path(cfg.output_dir))
+    if run_dir.is_finished() and not overwrite:
+        raise RunDirError(
+            "a finished run is already there",
+            where=str(run_dir.root),
+            fix="pass --overwrite to replace it, or choose another output_dir (e.g. output_dir=runs/demo2)",
+        )
+    if run_dir.root.exists() and overwrite:
+        shutil.rmtree(run_dir.root)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    config_mod.dump(cfg, run_dir.config_file)
+    return run_dir
+
+
+def load_training_data(cfg: RunConfig) -> tuple[list[Conversation], LoadReport]:
+    """Training files -> conversations, with the config's format rules."""
+    d = cfg.data
+    return load_conversations(d.train, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
+                              on_bad_record=d.on_bad_record, limit=d.limit)
+
+
+def split_probes(cfg: RunConfig, conversations: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
+    """(probes, training conversations): probes come from tracking.probe_file or the first training rows."""
+    t, d = cfg.tracking, cfg.data
+    if t.probe_size == 0:
+        return [], conversations
+    if t.probe_file:
+        probes, _ = load_conversations([t.probe_file], fmt=d.format, system=d.system, instruction_as=d.instruction_as)
+        return probes[: t.probe_size], conversations
+    probes = conversations[: t.probe_size]
+    rest = conversations[t.probe_size:] if t.probe_holdout else conversations
+    if not rest:
+        raise ConfigError(
+            f"holding out {t.probe_size} probe rows leaves no training data",
+            where="tracking.probe_size",
+            fix="lower tracking.probe_size, set tracking.probe_holdout=false, or add data",
+        )
+    return probes, rest
+
+
+def report_data(run_dir: RunDir, load_report: LoadReport, stats: RenderStats, cfg: RunConfig, *, n_probes: int) -> None:
+    """Print and store what loading and rendering kept, skipped and truncated."""
+    log.info("data: %d conversations from %s -> %d samples, %d tokens (%d supervised); %d probe rows",
+             load_report.kept, ", ".join(f"{Path(k).name} ({v})" for k, v in load_report.per_file.items()),
+             stats.samples, stats.tokens, stats.supervised_tokens, n_probes)
+    for line in stats.summary(cfg.data.max_length):
+        log.warning("data: %s", line)
+    if load_report.skipped:
+        log.warning("data: skipped %d bad record(s) (data.on_bad_record=skip), listed in %s",
+                    len(load_report.skipped), run_dir.data_report)
+    write_json(run_dir.data_report, {
+        "files": load_report.per_file,
+        "skipped": [{"where": w, "reason": r} for w, r in load_report.skipped],
+        "render": {k: v for k, v in vars(stats).items()},
+    })
+    if stats.samples == 0:
+        raise ConfigError("no training samples left after rendering", where="data",
+                          fix="check data.max_length and data.overlength")
+
+
+def save_inference_assets(run_dir: RunDir, cfg: RunConfig, tokenizer: Any) -> None:
+    """Tokenizer and the exact chat template, so later verbs render exactly as training did."""
+    tokenizer.save_pretrained(run_dir.tokenizer)
+    run_dir.template_file.write_text(tokenizer.chat_template, encoding="utf-8")
+
+
+def use_gradient_checkpointing(cfg: RunConfig, model: Any) -> bool:
+    """Resolve train.gradient_checkpointing=auto: on for models over 1B parameters."""
+    gc = cfg.train.gradient_checkpointing
+    if gc == "auto":
+        return sum(p.numel() for p in model.parameters()) > 1e9
+    return bool(gc)
+
+
+def describe_model(run_dir: RunDir, model: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """Print and record trainable/total parameters and the model's memory footprint."""
+    trainable, total = count_parameters(model)
+    footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else None
+    info = {"trainable_params": trainable, "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
+            "dtype": str(dtype).replace("torch.", ""), "memory_bytes": footprint}
+    log.info("model: %s trainable of %s parameters (%.3f%%), %s, %.0f MiB", f"{trainable:,}", f"{total:,}",
+             info["trainable_pct"], info["dtype"], (footprint or 0) / 2**20)
+    write_json(run_dir.root / "model_info.json", info)
+    return info
+
+
+def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype) -> Any:
+    """transformers.TrainingArguments from the train section (pure conversion)."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(run_dir.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # our own bar shows loss and tokens/s
+        label_names=["labels"],
+    )
+
+
+def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, samples: list[Sample],
+                  probes: list[Conversation], renderer: ChatRenderer, dtype: torch.dtype) -> Any:
+    """An HF Trainer wired with our collator, progress/metrics and probe callbacks."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # Padding-free batches need use_cache=False for exact sequence boundaries; training never uses the cache.
+    model.config.use_cache = False
+    counter = TokenCounter(make_collate(cfg.train.padding_free, tokenizer.pad_token_id))
+    trainer = Trainer(
+        model=model,
+        args=to_training_args(cfg, run_dir, dtype),
+        train_dataset=SampleDataset(samples),
+        data_collator=counter,
+    )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    run_dir.metrics.unlink(missing_ok=True)
+    trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter))
+    trainer.add_callback(PredictionProbes(probes, renderer, run_dir.predictions,
+                                          max_new_tokens=cfg.tracking.probe_max_new_tokens))
+    return trainer
+
+
+def finish(run_dir: RunDir, result: Any, started: float, model_info: dict[str, Any], trainer: Any) -> RunDir:
+    """Write summary.json (the 'finished' marker) and tell the user where everything went."""
+    rows = read_jsonl(run_dir.metrics)
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    summary = {
+        "global_step": result.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "wall_s": round(time.perf_counter() - started, 1),
+        **model_info,
+    }
+    write_json(run_dir.summary, summary)
+    log.info("done: %d steps in %.0fs, loss %s -> %s", summary["global_step"], summary["wall_s"],
+             _fmt(summary["first_loss"]), _fmt(summary["final_loss"]))
+    show_probe_comparison(run_dir)
+    log.info("run directory: %s (adapter/, metrics.jsonl, predictions/)", run_dir.root)
+    log.info("chat with it:  chattune chat %s", run_dir.root)
+    return run_dir
+
+
+def show_probe_comparison(run_dir: RunDir) -> None:
+    """Print each probe question with the base model's answer and the tuned model's last answer."""
+    epochs = sorted(int(p.stem.split("_")[1]) for p in run_dir.predictions.glob("epoch_*.jsonl"))
+    if len(epochs) < 2:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    before = read_jsonl(run_dir.predictions / f"epoch_{epochs[0]}.jsonl")
+    after = read_jsonl(run_dir.predictions / f"epoch_{epochs[-1]}.jsonl")
+    table = Table(title=f"probe answers: base model vs tuned (epoch {epochs[-1]})", show_lines=True)
+    for col in ("question", "base model", "tuned model", "reference"):
+        table.add_column(col, overflow="fold")
+    for b, a in zip(before, after):
+        table.add_row(b["question"], b["answer"], a["answer"], b["reference"])
+    Console().print(table)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
