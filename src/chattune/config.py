@@ -33,10 +33,18 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (only for models you trust)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="load the base model in 8-bit or 4-bit (QLoRA, needs bitsandbytes)")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    bnb_4bit_double_quant: bool = Field(True, description="also quantise the 4-bit quantisation constants")
+    bnb_4bit_compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of 4-bit matmuls; auto = model.dtype")
+    device_map: str | None = Field(None, description="inference only: spread a model too large for one device (e.g. auto); training uses one device per process")
 
 
 class DataConfig(_Section):
     train: list[str] = Field(default_factory=list, description="training data file(s): .json, .jsonl, .csv, .parquet")
+    eval: list[str] = Field(default_factory=list, description="evaluation data file(s); or split one off with eval_ratio / eval_size")
+    eval_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of the training rows held out for evaluation (fixed seed)")
+    eval_size: int = Field(0, ge=0, description="number of training rows held out for evaluation (fixed seed)")
     format: Literal["auto", "alpaca", "sharegpt", "messages"] = Field("auto", description="record layout of the data files")
     system: str | None = Field(None, description="system prompt for samples that carry none")
     instruction_as: Literal["user", "system"] = Field(
@@ -54,7 +62,7 @@ class DataConfig(_Section):
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or skip it and report")
     limit: int | None = Field(None, ge=1, description="use only the first N records of the training data")
 
-    @field_validator("train", mode="before")
+    @field_validator("train", "eval", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -96,6 +104,16 @@ class TrainConfig(_Section):
     )
     padding_free: bool = Field(True, description="flatten each batch without padding (exact sequence boundaries)")
     seed: int = Field(42, description="random seed for data order and initialisation")
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (default: every epoch)")
+
+
+class SwanlabConfig(_Section):
+    mode: Literal["local", "cloud", "offline", "disabled"] = Field(
+        "local", description="local: no account, logs on disk + `chattune dashboard`; cloud: SWANLAB_API_KEY or a prior login"
+    )
+    project: str | None = Field(None, description="project name (default: the output_dir's parent folder name)")
+    experiment: str | None = Field(None, description="experiment name (default: the output_dir's folder name)")
+    logdir: str | None = Field(None, description="where local/offline logs go (default: <output_dir>/../swanlog)")
 
 
 class TrackingConfig(_Section):
@@ -106,6 +124,7 @@ class TrackingConfig(_Section):
     probe_file: str | None = Field(None, description="probe questions file; default: the first rows of the training data")
     probe_holdout: bool = Field(True, description="keep probe rows taken from the training data out of training")
     probe_max_new_tokens: int = Field(96, ge=1, description="answer length limit for probes")
+    swanlab: SwanlabConfig = Field(default_factory=SwanlabConfig)
 
 
 class RunConfig(_Section):
@@ -228,6 +247,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         return str((base / p)) if (base / p).exists() else p
 
     cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.data.eval = [fix(p) for p in cfg.data.eval]
     cfg.tracking.probe_file = fix(cfg.tracking.probe_file)
     return cfg
 

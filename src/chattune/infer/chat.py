@@ -95,7 +95,7 @@ def repl(session: Session, *, system: str | None, inp: TextIO = sys.stdin, out: 
         history.append({"role": "assistant", "content": "".join(parts).strip()})
 
 
-def run(run_path: str, *, prompt: str | None = None, system: str | None = None, **gen) -> None:
+def run(run_path: str, *, prompt: str | None = None, system: str | None = None, compare_base: bool = False, **gen) -> None:
     """Entry point of `chattune chat`."""
     torch.set_grad_enabled(False)
     session = load_session(run_path)
