@@ -61,11 +61,21 @@ class DataConfig(_Section):
     )
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at the first bad record, or skip it and report")
     limit: int | None = Field(None, ge=1, description="use only the first N records of the training data")
+    cache: bool = Field(True, description="reuse tokenised samples from an earlier run with identical inputs")
 
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> "DataConfig":
+        # Two ways of choosing eval rows at once would leave it unclear which rows were held out.
+        if self.eval_ratio and self.eval_size:
+            raise ValueError("set data.eval_ratio or data.eval_size, not both")
+        if self.eval and (self.eval_ratio or self.eval_size):
+            raise ValueError("data.eval names eval files; drop data.eval_ratio / data.eval_size, or drop data.eval")
+        return self
 
 
 class LoraConfig(_Section):
@@ -118,10 +128,11 @@ class SwanlabConfig(_Section):
 
 class TrackingConfig(_Section):
     backends: list[Literal["swanlab", "tensorboard", "wandb", "none"]] = Field(
-        default_factory=lambda: ["none"], description="experiment trackers; metrics.jsonl is always written"
+        default_factory=lambda: ["swanlab"],
+        description="experiment trackers (several at once, or [none]); metrics.jsonl and predictions/ are always written",
     )
     probe_size: int = Field(5, ge=0, description="rows answered before training and after every epoch")
-    probe_file: str | None = Field(None, description="probe questions file; default: the first rows of the training data")
+    probe_file: str | None = Field(None, description="probe questions file; default: the eval rows if any, else the first rows of the training data")
     probe_holdout: bool = Field(True, description="keep probe rows taken from the training data out of training")
     probe_max_new_tokens: int = Field(96, ge=1, description="answer length limit for probes")
     swanlab: SwanlabConfig = Field(default_factory=SwanlabConfig)

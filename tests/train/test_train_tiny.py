@@ -18,7 +18,7 @@ def train(tmp_path, tiny_model_dir, *extra, out="run"):
     cfg.write_text(f"model:\n  name_or_path: {tiny_model_dir}\n  dtype: fp32\ndata:\n  train: {FIX / 'alpaca.json'}\n")
     return cli.main(["train", str(cfg), f"output_dir={tmp_path / out}", "train.max_steps=4", "train.batch_size=2",
                      "train.grad_accum=1", "train.learning_rate=1e-2", "train.logging_steps=1",
-                     "tracking.probe_size=2", "tracking.probe_max_new_tokens=4", *extra])
+                     "tracking.probe_size=2", "tracking.probe_max_new_tokens=4", "tracking.backends=[none]", *extra])
 
 
 @pytest.fixture(scope="module")

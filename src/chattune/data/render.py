@@ -122,10 +122,12 @@ class ChatRenderer:
                 return k + 1
         return None
 
-    def _turn_span(self, messages: list[dict[str, str]], i: int, where: str) -> tuple[list[int], int, int]:
-        """(ids of messages[:i+1], answer start, answer end) for assistant turn i, with the parity checks."""
-        prompt = self.ids(messages[:i], generation_prompt=True)
-        full = self.ids(messages[: i + 1], generation_prompt=False)
+    def _turn_texts(self, messages: list[dict[str, str]], i: int) -> tuple[str, str]:
+        """(prompt text, text through the answer) for assistant turn i."""
+        return self.text(messages[:i], generation_prompt=True), self.text(messages[: i + 1], generation_prompt=False)
+
+    def _turn_span(self, prompt: list[int], full: list[int], where: str) -> tuple[list[int], int, int]:
+        """(ids through the answer, answer start, answer end) for one assistant turn, with the parity checks."""
         if full[: len(prompt)] != prompt:
             k = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
             raise TemplateError(
@@ -146,11 +148,29 @@ class ChatRenderer:
 
     def render(self, conv: Conversation, *, train_on: str = "all_assistant") -> tuple[list[Sample], bool]:
         """Samples for one conversation, and whether it had to be split per assistant turn."""
-        msgs = conv.messages
-        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-        if train_on == "last_assistant":
-            turns = turns[-1:]
-        spans = [self._turn_span(msgs, i, conv.where) for i in turns]
+        (result,) = self.render_many([conv], train_on=train_on)
+        return result
+
+    def render_many(self, convs: Sequence[Conversation], *, train_on: str = "all_assistant") -> list[tuple[list[Sample], bool]]:
+        """Render many conversations: templates first, then one batched call of the fast tokenizer."""
+        plans = []
+        texts: list[str] = []
+        for conv in convs:
+            turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+            if train_on == "last_assistant":
+                turns = turns[-1:]
+            plans.append((conv, len(texts), len(turns)))
+            for i in turns:
+                texts.extend(self._turn_texts(conv.messages, i))
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out = []
+        for conv, start, n in plans:
+            spans = [self._turn_span(ids[start + 2 * k], ids[start + 2 * k + 1], conv.where) for k in range(n)]
+            out.append(self._samples(conv, spans))
+        return out
+
+    @staticmethod
+    def _samples(conv: Conversation, spans: list[tuple[list[int], int, int]]) -> tuple[list[Sample], bool]:
         last_ids = spans[-1][0]
         # One sequence works when every turn's render is a prefix of the last one.
         if all(last_ids[:end] == ids[:end] for ids, _, end in spans):
@@ -159,10 +179,7 @@ class ChatRenderer:
                 labels[start:end] = last_ids[start:end]
             stop = spans[-1][2]
             return [Sample(last_ids[:stop], labels[:stop], conv.where)], False
-        samples = []
-        for ids, start, end in spans:
-            samples.append(Sample(ids[:end], [IGNORE] * start + ids[start:end], conv.where))
-        return samples, True
+        return [Sample(ids[:end], [IGNORE] * start + ids[start:end], conv.where) for ids, start, end in spans], True
 
 
 def render_all(
@@ -176,8 +193,7 @@ def render_all(
     """Render every conversation, apply max_length, and count what was truncated or dropped."""
     stats = RenderStats(conversations=len(conversations))
     out: list[Sample] = []
-    for conv in conversations:
-        samples, split = renderer.render(conv, train_on=train_on)
+    for samples, split in renderer.render_many(conversations, train_on=train_on):
         stats.split_per_turn += split
         for s in samples:
             if len(s.input_ids) > max_length:

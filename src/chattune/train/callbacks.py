@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,6 +51,7 @@ class ProgressAndMetrics(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         self._train_time += time.perf_counter() - self._step_started
+        self._tokens_at_step_end = self.counter.tokens
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -75,6 +77,22 @@ class ProgressAndMetrics(TrainerCallback):
                 sink(row, state.global_step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}", tok_s=f"{tps:.0f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        # Eval batches pass through the same counting collator; keep them out of the training tokens/s.
+        self._tokens0 += self.counter.tokens - getattr(self, "_tokens_at_step_end", self.counter.tokens)
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "eval_loss": loss,
+               "eval_ppl": math.exp(min(loss, 700.0))}
+        if state.is_world_process_zero:
+            append_jsonl(self.metrics_path, row)
+            for sink in self.sinks:
+                sink(row, state.global_step)
+        message = f"eval at step {row['step']} (epoch {row['epoch']:g}): loss {loss:.4f}, perplexity {row['eval_ppl']:.2f}"
+        if self.bar is not None:
+            self.bar.write(message)
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:

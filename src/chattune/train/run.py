@@ -14,12 +14,16 @@ from chattune import config as config_mod
 from chattune.config import RunConfig
 from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.formats import Conversation, LoadReport, load_conversations
-from chattune.data.render import ChatRenderer, RenderStats, Sample, render_all
+from chattune.data.cache import render_cached
+from chattune.data.render import ChatRenderer, RenderStats, Sample
+from chattune.data.split import split_eval
 from chattune.errors import ConfigError, RunDirError
 from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora
-from chattune.model.sources import resolve_model_dir
+from chattune.model.sources import cache_root, resolve_model_dir
 from chattune.rundir import RunDir, read_jsonl, write_json
+from chattune.track import make_trackers
+from chattune.track.base import TrackingCallback, run_info
 from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, TokenCounter
 
 log = logging.getLogger("chattune")
@@ -33,16 +37,17 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> RunDir:
     tokenizer = load_tokenizer(model_dir, cfg.model)
     renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
     conversations, load_report = load_training_data(cfg)
-    probes, conversations = split_probes(cfg, conversations)
-    samples, stats = render_all(renderer, conversations, max_length=cfg.data.max_length,
-                                overlength=cfg.data.overlength, train_on=cfg.data.train_on)
-    report_data(run_dir, load_report, stats, cfg, n_probes=len(probes))
+    conversations, eval_conversations = split_eval_data(cfg, conversations)
+    probes, conversations = split_probes(cfg, conversations, eval_conversations)
+    samples, stats = render_training_data(cfg, renderer, conversations)
+    eval_samples, eval_info = render_eval_data(cfg, renderer, eval_conversations)
+    report_data(run_dir, load_report, stats, cfg, n_probes=len(probes), eval_info=eval_info)
     save_inference_assets(run_dir, cfg, tokenizer)
     dtype = resolve_dtype(cfg.model.dtype)
     model = load_model(model_dir, cfg.model, dtype=dtype)
     model = apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
     model_info = describe_model(run_dir, model, dtype)
-    trainer = build_trainer(cfg, run_dir, model, tokenizer, samples, probes, renderer, dtype)
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, samples, probes, renderer, dtype, eval_samples=eval_samples)
     started = time.perf_counter()
     result = trainer.train()
     trainer.model.save_pretrained(run_dir.adapter)
@@ -76,14 +81,17 @@ def load_training_data(cfg: RunConfig) -> tuple[list[Conversation], LoadReport]:
                               on_bad_record=d.on_bad_record, limit=d.limit)
 
 
-def split_probes(cfg: RunConfig, conversations: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
-    """(probes, training conversations): probes come from tracking.probe_file or the first training rows."""
+def split_probes(cfg: RunConfig, conversations: list[Conversation],
+                 eval_conversations: list[Conversation] = ()) -> tuple[list[Conversation], list[Conversation]]:
+    """(probes, training conversations): from tracking.probe_file, else the eval rows, else the first training rows."""
     t, d = cfg.tracking, cfg.data
     if t.probe_size == 0:
         return [], conversations
     if t.probe_file:
         probes, _ = load_conversations([t.probe_file], fmt=d.format, system=d.system, instruction_as=d.instruction_as)
         return probes[: t.probe_size], conversations
+    if eval_conversations:  # never trained on, so nothing has to be held out
+        return list(eval_conversations[: t.probe_size]), conversations
     probes = conversations[: t.probe_size]
     rest = conversations[t.probe_size:] if t.probe_holdout else conversations
     if not rest:
@@ -95,7 +103,46 @@ def split_probes(cfg: RunConfig, conversations: list[Conversation]) -> tuple[lis
     return probes, rest
 
 
-def report_data(run_dir: RunDir, load_report: LoadReport, stats: RenderStats, cfg: RunConfig, *, n_probes: int) -> None:
+def split_eval_data(cfg: RunConfig, conversations: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
+    """(training, eval) conversations: data.eval files, or rows split off with data.eval_ratio / eval_size."""
+    d = cfg.data
+    if d.eval:
+        evals, _ = load_conversations(d.eval, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
+                                      on_bad_record=d.on_bad_record)
+        return conversations, evals
+    return split_eval(conversations, ratio=d.eval_ratio, size=d.eval_size, seed=cfg.train.seed)
+
+
+def render_eval_data(cfg: RunConfig, renderer: ChatRenderer,
+                     conversations: list[Conversation]) -> tuple[list[Sample], dict[str, Any] | None]:
+    """Eval conversations rendered exactly like training data, and what to report about them."""
+    if not conversations:
+        return [], None
+    d = cfg.data
+    samples, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength,
+                                train_on=d.train_on)
+    source = "files" if d.eval else f"split (seed {cfg.train.seed})"
+    log.info("eval: %d conversations (%s) -> %d samples; loss and perplexity every %s", len(conversations), source,
+             stats.samples, f"{cfg.train.eval_steps} steps" if cfg.train.eval_steps else "epoch")
+    if stats.samples == 0:
+        raise ConfigError("no eval samples left after rendering", where="data.eval",
+                          fix="check data.max_length and data.overlength")
+    return samples, {"source": source, "rows": [c.where for c in conversations], "render": vars(stats)}
+
+
+def render_training_data(cfg: RunConfig, renderer: ChatRenderer, conversations: list[Conversation]) -> tuple[list[Sample], RenderStats]:
+    """Tokenise with labels, reusing the on-disk cache when nothing that matters changed."""
+    d = cfg.data
+    started = time.perf_counter()
+    samples, stats, hit = render_cached(renderer, conversations, cache_dir=cache_root() / "tokenized" if d.cache else None,
+                                        max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
+    log.info("data: %s %d samples in %.1fs", "reused tokenised" if hit else "tokenised", len(samples),
+             time.perf_counter() - started)
+    return samples, stats
+
+
+def report_data(run_dir: RunDir, load_report: LoadReport, stats: RenderStats, cfg: RunConfig, *, n_probes: int,
+                eval_info: dict[str, Any] | None = None) -> None:
     """Print and store what loading and rendering kept, skipped and truncated."""
     log.info("data: %d conversations from %s -> %d samples, %d tokens (%d supervised); %d probe rows",
              load_report.kept, ", ".join(f"{Path(k).name} ({v})" for k, v in load_report.per_file.items()),
@@ -109,6 +156,7 @@ def report_data(run_dir: RunDir, load_report: LoadReport, stats: RenderStats, cf
         "files": load_report.per_file,
         "skipped": [{"where": w, "reason": r} for w, r in load_report.skipped],
         "render": {k: v for k, v in vars(stats).items()},
+        **({"eval": eval_info} if eval_info else {}),
     })
     if stats.samples == 0:
         raise ConfigError("no training samples left after rendering", where="data",
@@ -141,7 +189,7 @@ def describe_model(run_dir: RunDir, model: Any, dtype: torch.dtype) -> dict[str,
     return info
 
 
-def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype) -> Any:
+def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has_eval: bool = False) -> Any:
     """transformers.TrainingArguments from the train section (pure conversion)."""
     from transformers import TrainingArguments
 
@@ -161,6 +209,10 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype) -> Any
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.batch_size,
+        prediction_loss_only=True,  # eval needs the loss only; kept logits would cost tokens x vocab floats
         seed=t.seed,
         data_seed=t.seed,
         bf16=dtype == torch.bfloat16,
@@ -171,30 +223,38 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype) -> Any
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
         label_names=["labels"],
+        prediction_loss_only=True,  # our loss returns logits for supervised positions only
     )
 
 
 def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, samples: list[Sample],
-                  probes: list[Conversation], renderer: ChatRenderer, dtype: torch.dtype) -> Any:
+                  probes: list[Conversation], renderer: ChatRenderer, dtype: torch.dtype, *,
+                  eval_samples: list[Sample] | None = None) -> Any:
     """An HF Trainer wired with our collator, progress/metrics and probe callbacks."""
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from chattune.train.loss import ChattuneTrainer
 
     # Padding-free batches need use_cache=False for exact sequence boundaries; training never uses the cache.
     model.config.use_cache = False
     counter = TokenCounter(make_collate(cfg.train.padding_free, tokenizer.pad_token_id))
-    trainer = Trainer(
+    trainer = ChattuneTrainer(
         model=model,
-        args=to_training_args(cfg, run_dir, dtype),
+        args=to_training_args(cfg, run_dir, dtype, has_eval=bool(eval_samples)),
         train_dataset=SampleDataset(samples),
-        data_collator=counter,
+        eval_dataset=SampleDataset(eval_samples) if eval_samples else None,
+        data_collator=counter,  # eval batches use the same (padding-free) collator
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     run_dir.metrics.unlink(missing_ok=True)
-    trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter))
+    trackers = make_trackers(cfg, run_dir)  # [] for tracking.backends=[none]
+    # Before the probes: the trackers' run must be open when the base model's answers arrive.
+    trainer.add_callback(TrackingCallback(trackers, lambda: run_info(cfg, run_dir)))
+    trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter, sinks=[t.log_row for t in trackers]))
     trainer.add_callback(PredictionProbes(probes, renderer, run_dir.predictions,
-                                          max_new_tokens=cfg.tracking.probe_max_new_tokens))
+                                          max_new_tokens=cfg.tracking.probe_max_new_tokens,
+                                          sinks=[t.log_predictions for t in trackers]))
     return trainer
 
 
@@ -202,17 +262,22 @@ def finish(run_dir: RunDir, result: Any, started: float, model_info: dict[str, A
     """Write summary.json (the 'finished' marker) and tell the user where everything went."""
     rows = read_jsonl(run_dir.metrics)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
     summary = {
         "global_step": result.global_step,
         "train_loss": result.training_loss,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
+        **({"eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"]} if evals else {}),
         "wall_s": round(time.perf_counter() - started, 1),
         **model_info,
     }
     write_json(run_dir.summary, summary)
     log.info("done: %d steps in %.0fs, loss %s -> %s", summary["global_step"], summary["wall_s"],
              _fmt(summary["first_loss"]), _fmt(summary["final_loss"]))
+    if evals:
+        log.info("eval: loss %s -> %s, perplexity %s", _fmt(evals[0]["eval_loss"]), _fmt(evals[-1]["eval_loss"]),
+                 _fmt(evals[-1]["eval_ppl"]))
     show_probe_comparison(run_dir)
     log.info("run directory: %s (adapter/, metrics.jsonl, predictions/)", run_dir.root)
     log.info("chat with it:  chattune chat %s", run_dir.root)

@@ -1,0 +1,39 @@
+"""Hold evaluation rows out of the training conversations, reproducibly."""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence, TypeVar
+
+from chattune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def eval_count(n: int, *, ratio: float = 0.0, size: int = 0) -> int:
+    """How many of n rows go to evaluation: size, or ratio * n rounded (at least 1 when ratio > 0)."""
+    if size:
+        return size
+    if ratio:
+        return max(1, round(ratio * n))
+    return 0
+
+
+def split_eval(rows: Sequence[T], *, ratio: float = 0.0, size: int = 0, seed: int = 42) -> tuple[list[T], list[T]]:
+    """(training rows, eval rows): a seeded random choice of rows, each list in file order, no row in both."""
+    k = eval_count(len(rows), ratio=ratio, size=size)
+    if k == 0:
+        return list(rows), []
+    if k >= len(rows):
+        key = "data.eval_size" if size else "data.eval_ratio"
+        raise ConfigError(
+            f"holding out {k} eval rows leaves no training data ({len(rows)} rows left after probes)",
+            where=key,
+            fix=f"lower {key}, or name separate eval files with data.eval",
+        )
+    # Our own Random instance: the split depends on the seed and the row count only, not on
+    # whatever else consumed the global random state before.
+    held = set(random.Random(seed).sample(range(len(rows)), k))
+    train = [r for i, r in enumerate(rows) if i not in held]
+    evals = [r for i, r in enumerate(rows) if i in held]
+    return train, evals
