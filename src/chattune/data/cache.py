@@ -24,15 +24,19 @@ from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer, RenderStats, Sample, render_all
 
 RENDER_VERSION = "1"  # bump when the rendering rules change
-PARALLEL_MIN = 20_000  # conversations; below this one process is faster than starting workers
+PARALLEL_MIN = 2_000  # conversations; below this one process is faster than forking workers
 
 
 def tokenizer_fingerprint(renderer: ChatRenderer) -> str:
     """Hash of what turns text into ids: the tokenizer model, its special tokens, the template and its variables."""
     tok = renderer.tokenizer
     h = hashlib.sha256()
-    backend = getattr(tok, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tok.get_vocab().items())).encode())
+    files = getattr(tok, "chattune_files_sha256", None)  # set by model.load.load_tokenizer: hashing files is cheap
+    if files:
+        h.update(files.encode())
+    else:
+        backend = getattr(tok, "backend_tokenizer", None)
+        h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tok.get_vocab().items())).encode())
     h.update(json.dumps([tok.chat_template, renderer.template_kwargs, sorted(renderer.special_ids)], sort_keys=True, default=str).encode())
     return h.hexdigest()
 

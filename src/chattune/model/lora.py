@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from chattune.config import LoraConfig
 from chattune.errors import ConfigError
 
@@ -30,6 +32,49 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names - {"lm_head"})
 
 
+class SharedDropout(torch.nn.Module):
+    """Dropout whose mask is reused by the next adapter that receives the very same input tensor.
+
+    q/k/v (and gate/up) projections read one hidden-state tensor; with peft each
+    of their adapters draws its own mask, and on CPUs drawing masks costs as much
+    as the adapters' matmuls. Sharing the mask is what a fused projection (Qwen's
+    c_attn, GLM's query_key_value) does anyway. The slot keeps the input alive,
+    so a recycled tensor id can never be mistaken for the same input.
+    """
+
+    def __init__(self, p: float, slot: dict):
+        super().__init__()
+        self.p = p
+        self.slot = slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.slot.get("input") is x and self.slot.get("version") == x._version:
+            return self.slot["output"]
+        out = torch.nn.functional.dropout(x, self.p, True)
+        self.slot.update(input=x, version=x._version, output=out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, shared"
+
+
+def share_dropout_masks(model: Any) -> int:
+    """Replace peft's per-adapter dropout with SharedDropout; returns how many were replaced."""
+    slot: dict = {}
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                drops[name] = SharedDropout(drop.p, slot)
+                n += 1
+    return n
+
+
 def apply_lora(model: Any, cfg: LoraConfig, *, gradient_checkpointing: bool) -> Any:
     """Wrap the model with fresh LoRA adapters; the base weights are frozen."""
     from peft import get_peft_model
@@ -39,7 +84,7 @@ def apply_lora(model: Any, cfg: LoraConfig, *, gradient_checkpointing: bool) -> 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:
-        return get_peft_model(model, to_lora_config(cfg))
+        peft_model = get_peft_model(model, to_lora_config(cfg))
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise ConfigError(
@@ -48,3 +93,6 @@ def apply_lora(model: Any, cfg: LoraConfig, *, gradient_checkpointing: bool) -> 
                 fix=f"use all-linear or names from: {', '.join(linear_module_names(model))}",
             ) from None
         raise
+    if cfg.shared_dropout:
+        share_dropout_masks(peft_model)
+    return peft_model

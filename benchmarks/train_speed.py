@@ -1,0 +1,140 @@
+"""Training speed: chattune vs the seed tutorials' recipe, same model, data and hyperparameters.
+
+    python benchmarks/train_speed.py [--samples 160] [--max-length 384]
+
+Both sides: SmolLM2-135M-Instruct in bf16, LoRA r 8 / alpha 32 / dropout 0.1 on
+q/k/v/o/gate/up/down, lr 1e-4, 16 samples per optimizer step, max_length 384,
+the same rows of the role-play data in the same order, the same seed. Prints real
+(non-padding) tokens per second of both, their ratio, the padding fractions and
+both losses (mean over the second half of the steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from common import SYSTEM, machine, reference_features, role_play_rows
+
+from chattune.config import LoraConfig, ModelConfig
+from chattune.data.collate import SampleDataset, make_collate
+from chattune.data.formats import Conversation
+from chattune.data.render import ChatRenderer, render_all
+from chattune.model.load import load_model, load_tokenizer
+from chattune.model.lora import apply_lora
+from chattune.model.sources import resolve_model_dir
+from chattune.train.loss import ChattuneTrainer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StepClock:
+    """Trainer callback: seconds spent inside optimizer steps and the loss of each step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                clock._t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                clock.seconds += time.perf_counter() - clock._t
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    clock.losses.append(logs["loss"])
+
+        self.seconds, self.losses, self._t = 0.0, [], 0.0
+        self.callback = _CB()
+
+
+def args_for(out: str, batch: int, accum: int, steps: int, gc: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                             learning_rate=1e-4, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
+                             seed=42, data_seed=42, bf16=True, use_cpu=True, gradient_checkpointing=gc,
+                             remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0)
+
+
+def reference(model_dir, rows, steps: int, max_length: int):
+    """The tutorials: hand-written prompts, per-example encoding, padded batches of 4 x 4, checkpointing."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    feats = reference_features(rows, lambda t: tok(t, add_special_tokens=False)["input_ids"], tok.pad_token_id, max_length)
+    torch.manual_seed(42)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.enable_input_require_grads()
+    model = get_peft_model(model, PeftLora(task_type="CAUSAL_LM", target_modules=TARGETS, r=8, lora_alpha=32, lora_dropout=0.1))
+    clock = StepClock()
+    trainer = Trainer(model=model, args=args_for("/tmp/bench-ref", 4, 4, steps, True), train_dataset=feats,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True), callbacks=[clock.callback])
+    processed = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda b: processed.append(collate(b)) or processed[-1]
+    trainer.train()
+    real = sum(int(b["attention_mask"].sum()) for b in processed)
+    total = sum(b["input_ids"].numel() for b in processed)
+    return real, total, clock
+
+
+def chattune(model_dir, rows, steps: int, max_length: int, batch: int, accum: int):
+    """chattune's path: template rendering, padding-free batches, supervised-only loss, no checkpointing."""
+    tok = load_tokenizer(model_dir, ModelConfig())
+    convs = [Conversation([{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["instruction"] + r["input"]},
+                           {"role": "assistant", "content": r["output"]}], str(i)) for i, r in enumerate(rows)]
+    samples, _ = render_all(ChatRenderer(tok), convs, max_length=max_length)
+    torch.manual_seed(42)
+    model = load_model(model_dir, ModelConfig(), dtype=torch.bfloat16)
+    model = apply_lora(model, LoraConfig(r=8, alpha=32, dropout=0.1, target_modules=TARGETS), gradient_checkpointing=False)
+    model.config.use_cache = False
+    clock = StepClock()
+    counted = []
+    collate = make_collate(True, tok.pad_token_id)
+    trainer = ChattuneTrainer(model=model, args=args_for("/tmp/bench-ours", batch, accum, steps, False),
+                              train_dataset=SampleDataset(samples), callbacks=[clock.callback],
+                              data_collator=lambda b: counted.append(collate(b)) or counted[-1])
+    trainer.train()
+    real = sum(b["input_ids"].numel() for b in counted)
+    return real, real, clock
+
+
+def tail_mean(losses: list[float]) -> float:
+    half = losses[len(losses) // 2:]
+    return sum(half) / len(half)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--samples", type=int, default=160, help="rows trained on by each side (16 per step)")
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--batch", type=int, default=4, help="chattune per-device batch (x grad_accum = 16)")
+    args = ap.parse_args()
+    steps = math.ceil(args.samples / 16)
+    rows, source = role_play_rows(args.samples)
+    model_dir = resolve_model_dir("smollm2-135m")
+
+    ref_real, ref_total, ref_clock = reference(model_dir, rows, steps, args.max_length)
+    our_real, our_total, our_clock = chattune(model_dir, rows, steps, args.max_length, args.batch, 16 // args.batch)
+
+    ref_tps, our_tps = ref_real / ref_clock.seconds, our_real / our_clock.seconds
+    ref_loss, our_loss = tail_mean(ref_clock.losses), tail_mean(our_clock.losses)
+    print(f"# train_speed — {args.samples} rows of {source.rsplit('/', 1)[-1]}, {steps} optimizer steps x 16 samples; {machine()}")
+    print(f"tutorial recipe: {ref_tps:7.1f} real tokens/s  padding {1 - ref_real / ref_total:5.1%}  loss {ref_loss:.4f}  ({ref_clock.seconds:.0f}s)")
+    print(f"chattune:        {our_tps:7.1f} real tokens/s  padding {1 - our_real / our_total:5.1%}  loss {our_loss:.4f}  ({our_clock.seconds:.0f}s)")
+    print(f"speed ratio {our_tps / ref_tps:.2f}x   loss difference {abs(our_loss - ref_loss) / ref_loss:.2%}")
+    print(json.dumps({"ref_tokens_per_s": ref_tps, "chattune_tokens_per_s": our_tps, "ratio": our_tps / ref_tps,
+                      "ref_loss": ref_loss, "chattune_loss": our_loss, "ref_losses": ref_clock.losses,
+                      "chattune_losses": our_clock.losses}))
+
+
+if __name__ == "__main__":
+    main()
