@@ -11,13 +11,22 @@ from typing import Callable
 from chattune.errors import ChattuneError
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int | None:
     from chattune import config
 
-    cfg = config.load(args.config, args.overrides)  # validate before the slow imports below
+    nproc = [f"train.nproc={args.nproc}"] if args.nproc else []  # --nproc N is train.nproc=N
+    cfg = config.load(args.config, args.overrides + nproc)  # validate before the slow imports below
+    if cfg.sweep.grid:
+        logging.getLogger("chattune").warning(
+            "this config has a sweep.grid, which `chattune train` ignores (one run, the base values); "
+            "`chattune sweep %s` trains every combination", args.config)
+    from chattune.train import distributed
+
+    if distributed.needs_launch(cfg):  # several processes: torchrun starts this same command once per device
+        return distributed.launch(cfg, args)
     from chattune.train import run
 
-    run.run(cfg, overwrite=args.overwrite)
+    run.run(cfg, overwrite=args.overwrite, resume=args.resume, resume_force=args.resume_force)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -69,6 +78,35 @@ def _dashboard(args: argparse.Namespace) -> None:
     dashboard.run(args.path, port=args.port)
 
 
+def _data_convert(args: argparse.Namespace) -> None:
+    from chattune.data import convert
+
+    convert.run(args.input, args.output, to=args.to, instruction=args.instruction, mapping=args.map, system=args.system,
+                instruction_as=args.instruction_as, source_format=args.source_format, overwrite=args.overwrite)
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    from chattune import config
+
+    cfg = config.load(args.config, args.overrides)
+    from chattune.data import check
+
+    check.run(cfg, preview=args.preview, out=args.out)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from chattune.train import sweep
+
+    sweep.run(args.config, args.overrides, grid=args.grid, overwrite=args.overwrite, in_process=args.in_process,
+              dry_run=args.dry_run)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from chattune.report import html
+
+    html.run(args.run_dirs, out=args.out)
+
+
 def _keys(args: argparse.Namespace) -> None:
     from chattune.config import iter_keys
 
@@ -93,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train.epochs=2 lora.r=64")
     t.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    t.add_argument("--resume", action="store_true",
+                   help="insist on continuing from the last checkpoint (an unfinished run resumes without it too)")
+    t.add_argument("--resume-force", action="store_true",
+                   help="resume even though the data, tokenizer, template, max_length or LoRA shape changed")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (one per GPU; gloo on CPU) through torchrun; same as train.nproc=N")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("chat", help="chat with a trained run (streaming, multi-turn)")
@@ -152,6 +196,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("keys", help="list every config key with its default and help")
     k.set_defaults(func=_keys)
+
+    dt = sub.add_parser("data", help="convert data files between layouts; check data as training will see it")
+    dsub = dt.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    dc = dsub.add_parser("convert", help="convert records to alpaca, messages or sharegpt (.json, .jsonl, .parquet)")
+    dc.add_argument("input", help="data file: .json, .jsonl, .csv or .parquet")
+    dc.add_argument("output", help="file to write: .json, .jsonl or .parquet (rejected records go to OUTPUT.rejects.jsonl)")
+    dc.add_argument("--to", required=True, choices=["alpaca", "messages", "sharegpt"], help="record layout to write")
+    dc.add_argument("--instruction", help="fixed instruction for every record that has none, e.g. a task description")
+    dc.add_argument("--map", help="rename columns NEW=OLD before converting, e.g. input=question,output=answer")
+    dc.add_argument("--system", help="system prompt for records that carry none")
+    dc.add_argument("--instruction-as", default="user", choices=["user", "system"],
+                    help="alpaca input: instruction joins the user turn, or becomes the system prompt (as data.instruction_as)")
+    dc.add_argument("--from", dest="source_format", default="auto", choices=["auto", "alpaca", "sharegpt", "messages"],
+                    help="layout of the input records (default: recognised from their keys)")
+    dc.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    dc.set_defaults(func=_data_convert)
+    dk = dsub.add_parser("check", help="rows, invalid rows, duplicates, token lengths, truncation, label-mask preview")
+    dk.add_argument("config", help="YAML config whose data, model (tokenizer, template) and max_length are checked")
+    dk.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. data.max_length=2048")
+    dk.add_argument("--preview", type=int, default=2, metavar="N", help="show the label mask of the first N samples (0: none)")
+    dk.add_argument("--out", help="folder for check.json and token_lengths.png (default: <output_dir>/../data_check/<name>)")
+    dk.set_defaults(func=_data_check)
+
+    sw = sub.add_parser("sweep", help="train every combination of a grid of config values and compare the runs")
+    sw.add_argument("config", help="YAML config; its sweep.grid (if any) is the grid, --grid adds to it or replaces keys")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys for every run")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="values of one key, e.g. --grid lora.r=8,64 (repeat for more keys; YAML values, [a,b] for a list)")
+    sw.add_argument("--overwrite", action="store_true", help="retrain runs that already finished (default: keep them)")
+    sw.add_argument("--in-process", action="store_true",
+                    help="train in this process instead of one subprocess per run (faster start, less isolation)")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their overrides, train nothing")
+    sw.set_defaults(func=_sweep)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page: config, curves, eval results, probe answers")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding runs (a sweep's output_dir)")
+    rp.add_argument("--out", default="report.html", help="HTML file to write")
+    rp.set_defaults(func=_report)
     return p
 
 
@@ -165,16 +247,24 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # bitsandbytes warns at import that the optional `kernels` package is missing; its own CPU kernels work.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None, *, entry: Callable[[argparse.Namespace], None] | None = None) -> int:
     """Run the CLI; user mistakes print one paragraph and return 2, never a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting key=value positionals at the first option: `train c.yaml --overwrite a=b`.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not args.debug:
         _quiet_libraries()
     try:
-        (entry or args.func)(args)
+        rc = (entry or args.func)(args)  # a verb may return an exit status (train --nproc: torchrun's)
     except ChattuneError as exc:
         if args.debug:
             raise
@@ -183,7 +273,7 @@ def main(argv: list[str] | None = None, *, entry: Callable[[argparse.Namespace],
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

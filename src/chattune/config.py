@@ -32,6 +32,9 @@ class ModelConfig(_Section):
         None, description="builtin template name (chatml, glm4, llama3, gemma) or a .jinja path; default: the tokenizer's own"
     )
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (only for models you trust)")
+    allow_pickle: bool = Field(
+        False, description="also load pickle-based weights (.bin/.pt/.pth/.ckpt), which can run code when loaded; default: safetensors only"
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="attention kernel")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="load the base model in 8-bit or 4-bit (QLoRA, needs bitsandbytes)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
@@ -85,6 +88,9 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt, or all-linear"
     )
+    shared_dropout: bool = Field(
+        True, description="adapters reading the same input (q/k/v, gate/up) share one dropout mask, as a fused projection does"
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -115,6 +121,21 @@ class TrainConfig(_Section):
     padding_free: bool = Field(True, description="flatten each batch without padding (exact sequence boundaries)")
     seed: int = Field(42, description="random seed for data order and initialisation")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (default: every epoch)")
+    nproc: int = Field(1, ge=1, description="processes on this machine (one per GPU); above 1 `chattune train` starts torchrun itself (same as --nproc)")
+    distributed: Literal["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"] = Field(
+        "ddp", description="how several processes share the work: ddp (a replica each), deepspeed_zero2 (shard optimizer + gradients), deepspeed_zero3 (also weights), fsdp (FSDP2)"
+    )
+    cpu_offload: bool = Field(False, description="deepspeed_zero2/3, fsdp: keep optimizer state (zero3/fsdp: also weights) in CPU memory")
+    deepspeed_config: str | None = Field(None, description="your own DeepSpeed JSON (e.g. a copy of configs/distributed/deepspeed_zero3.json) instead of the built-in one")
+
+    @model_validator(mode="after")
+    def _distributed_options(self) -> "TrainConfig":
+        # Options of one engine given to another would be ignored silently.
+        if self.cpu_offload and self.distributed == "ddp":
+            raise ValueError("train.cpu_offload needs train.distributed=deepspeed_zero2, deepspeed_zero3 or fsdp")
+        if self.deepspeed_config and not self.distributed.startswith("deepspeed"):
+            raise ValueError("train.deepspeed_config needs train.distributed=deepspeed_zero2 or deepspeed_zero3")
+        return self
 
 
 class SwanlabConfig(_Section):
@@ -138,12 +159,28 @@ class TrackingConfig(_Section):
     swanlab: SwanlabConfig = Field(default_factory=SwanlabConfig)
 
 
+class SweepConfig(_Section):
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="chattune sweep: key -> values, one run per combination under output_dir (a section key takes mappings, e.g. model: [{name_or_path: a, chat_template: gemma}])",
+    )
+
+    @field_validator("grid")
+    @classmethod
+    def _no_empty_axis(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, values in v.items() if not values]
+        if empty:
+            raise ValueError(f"no values for {', '.join(empty)}")
+        return v
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     output_dir: str = Field("runs/run", description="run directory: adapter, tokenizer, metrics, predictions")
 
     @model_validator(mode="after")
@@ -171,7 +208,7 @@ def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path |
             mark = getattr(exc, "problem_mark", None)
             loc = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError(
-                f"not valid YAML ({getattr(exc, 'problem', exc)})", where=loc, fix="fix the YAML syntax at that line"
+                f"not valid YAML ({getattr(exc, 'problem', exc)})", where=loc, fix="fix the YAML syntax at or just before that line (often the indentation: the keys of one section must line up)"
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError("the top level must be a mapping of sections (model:, data:, ...)", where=str(path))
@@ -221,8 +258,10 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         hint = f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else f"; known keys here: {', '.join(names)}"
         return f"{key}: unknown key{hint}"
     got = _value_at(raw, err["loc"])
-    shown = f" (got {got!r})" if got is not _MISSING else ""
-    return f"{key}: {err['msg']}{shown}"
+    # A whole section (a cross-key rule) as "got" would bury the message; the message names the keys.
+    shown = f" (got {got!r})" if got is not _MISSING and not isinstance(got, dict) else ""
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{msg}{shown}" if not loc else f"{key}: {msg}{shown}"
 
 
 _MISSING = object()
@@ -260,6 +299,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.eval = [fix(p) for p in cfg.data.eval]
     cfg.tracking.probe_file = fix(cfg.tracking.probe_file)
+    if cfg.train.deepspeed_config:
+        cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
     return cfg
 
 

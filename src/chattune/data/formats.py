@@ -59,6 +59,15 @@ class LoadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     per_file: dict[str, int] = field(default_factory=dict)
 
+    def skipped_summary(self) -> str:
+        """One line: how many records were skipped, grouped by reason, with the first place of each."""
+        by_reason: dict[str, list[str]] = {}
+        for where, reason in self.skipped:
+            by_reason.setdefault(reason, []).append(where)
+        parts = [f"{len(w)}x {reason} (first at {w[0]})" for reason, w in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
+        total = self.kept + len(self.skipped)
+        return f"skipped {len(self.skipped)} of {total} record(s) (data.on_bad_record=skip): " + "; ".join(parts)
+
 
 # ---------------------------------------------------------------------------
 # files -> records
@@ -117,7 +126,7 @@ def _read_json(path: Path, text: str) -> Iterator[Record]:
         data = next(iter(data.values()))  # {"data": [...]} wrappers are common
     if not isinstance(data, list):
         raise DataError(
-            f"the top level is a JSON {type(data).__name__}, expected a list of records",
+            f"the top level is {_kind(data)}, expected a list of records",
             where=str(path),
             fix="wrap the records in [ ... ], or use .jsonl with one record per line",
         )
@@ -186,13 +195,14 @@ def detect_format(record: Any, where: str) -> str:
 
 
 def to_conversation(
-    record: Any, where: str, fmt: str, *, system: str | None = None, instruction_as: str = "user"
+    record: Any, where: str, fmt: str, *, system: str | None = None, instruction_as: str = "user",
+    require_answer: bool = True,
 ) -> Conversation:
-    """Convert one raw record of format `fmt` to a validated Conversation."""
+    """Convert one raw record of format `fmt` to a validated Conversation (prompt-only when not require_answer)."""
     if not isinstance(record, dict):
-        raise DataError(f"record is a {type(record).__name__}, expected an object", where=where, fix="each record must be a JSON object")
+        raise DataError(f"record is {_kind(record)}, expected an object", where=where, fix="each record must be a JSON object")
     if fmt == "alpaca":
-        messages = _from_alpaca(record, where, system, instruction_as)
+        messages = _from_alpaca(record, where, system, instruction_as, require_answer)
     elif fmt == "sharegpt":
         messages = _from_roles(record, "conversations", "from", "value", SHAREGPT_ROLES, where)
     elif fmt == "messages":
@@ -205,7 +215,7 @@ def to_conversation(
             sys_text = record_system if isinstance(record_system, str) and record_system.strip() else system
             if sys_text:
                 messages.insert(0, {"role": "system", "content": sys_text})
-    _check_order(messages, where)
+    _check_order(messages, where, require_answer)
     return Conversation(messages, where)
 
 
@@ -217,17 +227,28 @@ def _text(record: dict, key: str, where: str, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(
-            f'field "{key}" is a {type(value).__name__}, expected text', where=where, fix=f'quote the value of "{key}"'
+            f'field "{key}" is {_kind(value)} ({json.dumps(value, ensure_ascii=False)[:60]}), expected text',
+            where=where, fix=f'write the value of "{key}" in double quotes, e.g. "{key}": "..."',
         )
     if required and not value.strip():
         raise DataError(f'field "{key}" is empty', where=where, fix="fill it or set data.on_bad_record=skip")
     return value
 
 
-def _from_alpaca(record: dict, where: str, system: str | None, instruction_as: str) -> list[dict[str, str]]:
+def _kind(value: Any) -> str:
+    """A JSON value's kind in the words of the JSON file, not Python's."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object", str: "text", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _from_alpaca(record: dict, where: str, system: str | None, instruction_as: str,
+                 require_answer: bool = True) -> list[dict[str, str]]:
     instruction = _text(record, "instruction", where, required=False).strip()
     inp = _text(record, "input", where, required=False).strip()
-    output = _text(record, "output", where, required=True)
+    output = _text(record, "output", where, required=require_answer)
     sys_text = _text(record, "system", where, required=False).strip() or system
     if instruction_as == "system":
         # The legal Q&A recipe: the (fixed) instruction is the system prompt, the input is the question.
@@ -253,7 +274,9 @@ def _from_alpaca(record: dict, where: str, system: str | None, instruction_as: s
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
             raise DataError(f"history[{i}] is not a [question, answer] pair of non-empty texts", where=where)
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    messages.append({"role": "user", "content": user})
+    if output.strip() or require_answer:  # predict answers rows that have no output yet
+        messages.append({"role": "assistant", "content": output})
     return messages
 
 
@@ -265,7 +288,8 @@ def _from_roles(record: dict, key: str, role_key: str, text_key: str, roles: dic
     for i, turn in enumerate(turns):
         at = f"{where} {key}[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"turn is a {type(turn).__name__}, expected an object", where=at)
+            raise DataError(f"turn is {_kind(turn)}, expected an object", where=at,
+                            fix=f'write each turn as {{"{role_key}": ..., "{text_key}": ...}}')
         role = turn.get(role_key)
         if role not in roles:
             raise DataError(
@@ -280,16 +304,16 @@ def _from_roles(record: dict, key: str, role_key: str, text_key: str, roles: dic
     return messages
 
 
-def _check_order(messages: list[dict[str, str]], where: str) -> None:
+def _check_order(messages: list[dict[str, str]], where: str, require_answer: bool = True) -> None:
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[0] == "system" else roles
     if "system" in body:
         raise DataError("a system turn appears after the start", where=where, fix="put the system prompt first, or drop it")
     if not body or body[0] != "user":
         raise DataError("the conversation must start with a user turn (after an optional system prompt)", where=where)
-    if "assistant" not in body:
+    if require_answer and "assistant" not in body:
         raise DataError("the conversation has no assistant turn, so nothing can be learned from it", where=where, fix="add the answer, or set data.on_bad_record=skip")
-    if body[-1] != "assistant":
+    if body[-1] != "assistant" and (require_answer or body[-1] != "user"):
         raise DataError(f"the conversation ends with a {body[-1]} turn; the last turn must be the assistant's answer", where=where)
     for prev, cur in zip(body, body[1:]):
         if prev == cur and cur in ("user", "assistant"):
@@ -308,8 +332,12 @@ def load_conversations(
     instruction_as: str = "user",
     on_bad_record: str = "error",
     limit: int | None = None,
+    require_answer: bool = True,
 ) -> tuple[list[Conversation], LoadReport]:
-    """Read every file, convert every record; bad records raise or are skipped and reported."""
+    """Read every file, convert every record; bad records raise or are skipped and reported.
+
+    require_answer=False also accepts prompt-only records (no output, or ending with a user turn), for predict.
+    """
     conversations: list[Conversation] = []
     report = LoadReport()
     for path in paths:
@@ -318,7 +346,8 @@ def load_conversations(
         for rec in read_records(path):
             try:
                 file_fmt = file_fmt or detect_format(rec.data, rec.where)
-                conversations.append(to_conversation(rec.data, rec.where, file_fmt, system=system, instruction_as=instruction_as))
+                conversations.append(to_conversation(rec.data, rec.where, file_fmt, system=system, instruction_as=instruction_as,
+                                                     require_answer=require_answer))
                 count += 1
             except DataError as exc:
                 if on_bad_record != "skip" or file_fmt is None:

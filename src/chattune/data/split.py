@@ -27,7 +27,7 @@ def split_eval(rows: Sequence[T], *, ratio: float = 0.0, size: int = 0, seed: in
     if k >= len(rows):
         key = "data.eval_size" if size else "data.eval_ratio"
         raise ConfigError(
-            f"holding out {k} eval rows leaves no training data ({len(rows)} rows left after probes)",
+            f"holding out {k} eval rows leaves no training data (there are {len(rows)} rows)",
             where=key,
             fix=f"lower {key}, or name separate eval files with data.eval",
         )

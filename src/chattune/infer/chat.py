@@ -44,9 +44,15 @@ def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_t
         raise errors[0]
 
 
-def answer_once(session: Session, prompt: str, *, system: str | None, out: TextIO = sys.stdout, **gen) -> str:
-    """Print only the answer to one prompt (for scripts) and return it."""
+def answer_once(session: Session, prompt: str, *, system: str | None, out: TextIO | None = None,
+                compare_base: bool = False, **gen) -> str:
+    """Print only the answer to one prompt (for scripts) and return it; with compare_base, the base's answer too."""
+    out = out or sys.stdout  # looked up per call: a default bound at import time would ignore later redirection
     messages = with_system([{"role": "user", "content": prompt}], system)
+    if compare_base:
+        from chattune.infer.compare import answer_both
+
+        return answer_both(session, messages, out=out, **gen)
     parts = []
     for piece in stream_answer(session, messages, **gen):
         out.write(piece)
@@ -56,8 +62,10 @@ def answer_once(session: Session, prompt: str, *, system: str | None, out: TextI
     return "".join(parts).strip()
 
 
-def repl(session: Session, *, system: str | None, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, **gen) -> None:
+def repl(session: Session, *, system: str | None, inp: TextIO | None = None, out: TextIO | None = None,
+         compare_base: bool = False, **gen) -> None:
     """Read a line, stream the answer, keep the history; /reset, /system, /exit."""
+    inp, out = inp or sys.stdin, out or sys.stdout
     history: list[dict[str, str]] = []
     out.write(f"chatting with {session.run_dir.root} — {HELP}\n")
     while True:
@@ -85,6 +93,12 @@ def repl(session: Session, *, system: str | None, inp: TextIO = sys.stdin, out: 
             out.write(f"unknown command — {HELP}\n")
             continue
         history.append({"role": "user", "content": line})
+        if compare_base:  # the tuned answer stays in the history; the base answers the same history
+            from chattune.infer.compare import answer_both
+
+            reply = answer_both(session, with_system(history, system), out=out, **gen)
+            history.append({"role": "assistant", "content": reply})
+            continue
         out.write("bot> ")
         parts = []
         for piece in stream_answer(session, with_system(history, system), **gen):
@@ -101,6 +115,6 @@ def run(run_path: str, *, prompt: str | None = None, system: str | None = None, 
     session = load_session(run_path)
     system = system if system is not None else session.system
     if prompt is not None:
-        answer_once(session, prompt, system=system, **gen)
+        answer_once(session, prompt, system=system, compare_base=compare_base, **gen)
     else:
-        repl(session, system=system, **gen)
+        repl(session, system=system, compare_base=compare_base, **gen)

@@ -9,6 +9,7 @@ from typing import Any
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
 from chattune.model.load import load_model, resolve_dtype
+from chattune.model.placement import inference_device_map
 from chattune.model.sources import resolve_model_dir
 from chattune.rundir import RunDir
 
@@ -36,12 +37,14 @@ def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
     cfg = run_dir.load_config()
     if not base_only:
         run_dir.require_adapter()
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
     renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
     model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
                                   trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(model_dir, cfg.model, dtype=resolve_dtype(cfg.model.dtype))
+    # cfg.model is the run's own: the base is quantised exactly as in training; model.device_map may spread it.
+    model = load_model(model_dir, cfg.model, dtype=resolve_dtype(cfg.model.dtype),
+                       device_map=inference_device_map(cfg.model))
     if not base_only:
         from peft import PeftModel
 

@@ -10,6 +10,9 @@ import torch
 
 from chattune.config import ModelConfig
 from chattune.errors import ModelError, TemplateError
+from chattune.model.placement import check_attn_implementation, check_remote_code, explain_load_error
+from chattune.model.quant import parameter_count, to_bnb_config
+from chattune.model.safety import check_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ def load_tokenizer(model_dir: str | Path, cfg: ModelConfig) -> Any:
     """The model's tokenizer with the configured chat template and a pad token that is not end-of-turn."""
     from transformers import AutoTokenizer
 
+    check_remote_code(model_dir, cfg)
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # transformers raises many types here
@@ -69,7 +73,20 @@ def load_tokenizer(model_dir: str | Path, cfg: ModelConfig) -> Any:
             fix=f"set model.chat_template to one of {', '.join(BUILTIN_TEMPLATES)} or a .jinja file",
         )
     _choose_pad(tok)
+    tok.chattune_files_sha256 = tokenizer_files_sha256(model_dir)
     return tok
+
+
+def tokenizer_files_sha256(model_dir: str | Path) -> str:
+    """Hash of the tokenizer files in a model folder (the tokenisation cache's tokenizer key)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*")):
+        if path.is_file() and ("token" in path.name or path.suffix in (".model", ".tiktoken") or path.name in ("vocab.json", "merges.txt")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _choose_pad(tok: Any) -> None:
@@ -88,9 +105,15 @@ def _choose_pad(tok: Any) -> None:
 
 
 def load_model(model_dir: str | Path, cfg: ModelConfig, *, dtype: torch.dtype, device_map: Any = None, **extra: Any) -> Any:
-    """A causal LM from a local folder, in `dtype`, with the configured attention kernel."""
+    """A causal LM from a local folder, in `dtype` (8/4-bit per model.quantization), with the configured attention kernel."""
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(model_dir, cfg)
+    check_weight_files(model_dir, allow_pickle=cfg.allow_pickle)  # safetensors only unless model.allow_pickle
+    check_attn_implementation(cfg.attn_implementation)
+    bnb = to_bnb_config(cfg, dtype)
+    if bnb is not None:
+        extra.setdefault("quantization_config", bnb)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
@@ -113,21 +136,18 @@ def _model_error(exc: Exception, model_dir: str | Path, what: str) -> ModelError
             where=str(model_dir),
             fix="set model.trust_remote_code=true if you trust this model's code",
         )
-    if "flash_attn" in msg or "flash_attention" in msg.lower():
-        return ModelError(
-            f"attention implementation unavailable ({msg.splitlines()[0]})",
-            where="model.attn_implementation",
-            fix="install flash-attn on a CUDA machine, or use sdpa",
-        )
+    attention = explain_load_error(msg)
+    if attention is not None:
+        return attention
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
     return ModelError(f"cannot load the {what}: {first}", where=str(model_dir), fix="check that the folder is a complete Hugging Face model")
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts (a 4-bit weight counts its unpacked size)."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = parameter_count(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -1,0 +1,35 @@
+"""Experiment tracking behind one factory: make_trackers(cfg, run_dir) -> a list of trackers ([] for none).
+
+Each tracker gets the run's start (config, model, data, system), train/... and eval/... scalars, the probe
+answers ("Prediction") and the finish; see track/base.py. metrics.jsonl and predictions/ are written
+whatever the trackers are.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chattune.config import RunConfig
+    from chattune.rundir import RunDir
+    from chattune.track.base import Tracker
+
+
+def make_trackers(cfg: RunConfig, run_dir: RunDir) -> list[Tracker]:
+    """One tracker per entry of tracking.backends ('none' adds none); other processes than the main one get []."""
+    if not is_main_process():
+        return []
+    from chattune.track.swanlab import SwanlabTracker
+    from chattune.track.tensorboard import TensorboardTracker
+    from chattune.track.wandb import WandbTracker
+
+    kinds = {"swanlab": SwanlabTracker, "tensorboard": TensorboardTracker, "wandb": WandbTracker}
+    # dict.fromkeys: keep the order, drop repeats.
+    return [kinds[b](cfg, run_dir) for b in dict.fromkeys(cfg.tracking.backends) if b != "none"]
+
+
+def is_main_process() -> bool:
+    """True in a single-process run and in the main process of a distributed one."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

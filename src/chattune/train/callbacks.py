@@ -13,6 +13,7 @@ from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer
 from chattune.infer.generate import generate_batch
 from chattune.rundir import append_jsonl
+from chattune.train.throughput import gpu_stats
 
 
 class TokenCounter:
@@ -30,8 +31,10 @@ class TokenCounter:
 class ProgressAndMetrics(TrainerCallback):
     """A progress bar with loss and tokens/s, and one metrics.jsonl line per logging step."""
 
-    def __init__(self, metrics_path: Path, counter: TokenCounter, sinks: Sequence[Callable[[dict, int], None]] = ()):
+    def __init__(self, metrics_path: Path, counter: TokenCounter, sinks: Sequence[Callable[[dict, int], None]] = (),
+                 flops_per_token: float = 0.0):
         self.metrics_path = metrics_path
+        self.flops_per_token = flops_per_token
         self.counter = counter
         self.sinks = list(sinks)
         self.bar = None
@@ -70,13 +73,15 @@ class ProgressAndMetrics(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_s": round(tps, 1),
+            **gpu_stats(tps, self.flops_per_token),
         }
         if state.is_world_process_zero:
             append_jsonl(self.metrics_path, row)
             for sink in self.sinks:
                 sink(row, state.global_step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}", tok_s=f"{tps:.0f}")
+            extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}", tok_s=f"{tps:.0f}", **extra)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         # Eval batches pass through the same counting collator; keep them out of the training tokens/s.
@@ -114,16 +119,20 @@ class PredictionProbes(TrainerCallback):
         *,
         max_new_tokens: int,
         sinks: Sequence[Callable[[list[dict], int, int], None]] = (),
+        every_process: bool = False,
     ):
         self.probes = list(probes)
+        # With weights sharded over processes (ZeRO-3, FSDP) a forward pass needs them all: every process
+        # generates (transformers keeps them in step), only the main one writes.
+        self.every_process = every_process
         self.renderer = renderer
         self.out_dir = out_dir
         self.max_new_tokens = max_new_tokens
         self.sinks = list(sinks)
         self.done: dict[int, list[dict]] = {}
 
-    def answer(self, model: Any, epoch: int, step: int) -> list[dict]:
-        """Generate, write and log the probe answers for one epoch."""
+    def answer(self, model: Any, epoch: int, step: int, *, write: bool = True) -> list[dict]:
+        """Generate, write and log the probe answers for one epoch (write=False: generate only)."""
         answers = generate_batch(
             model, self.renderer, [p.prompt for p in self.probes], max_new_tokens=self.max_new_tokens, batch_size=len(self.probes)
         )
@@ -131,6 +140,8 @@ class PredictionProbes(TrainerCallback):
             {"epoch": epoch, "step": step, "question": p.prompt[-1]["content"], "answer": a, "reference": p.reference, "where": p.where}
             for p, a in zip(self.probes, answers)
         ]
+        if not write:
+            return rows
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"epoch_{epoch}.jsonl"
         path.unlink(missing_ok=True)
@@ -142,9 +153,9 @@ class PredictionProbes(TrainerCallback):
         return rows
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if self.probes and state.is_world_process_zero and state.global_step == 0:
-            self.answer(model, 0, 0)
+        if self.probes and (state.is_world_process_zero or self.every_process) and state.global_step == 0:
+            self.answer(model, 0, 0, write=state.is_world_process_zero)
 
     def on_epoch_end(self, args, state, control, model=None, **kw):
-        if self.probes and state.is_world_process_zero:
-            self.answer(model, max(1, round(state.epoch or 0)), state.global_step)
+        if self.probes and (state.is_world_process_zero or self.every_process):
+            self.answer(model, max(1, round(state.epoch or 0)), state.global_step, write=state.is_world_process_zero)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from chattune.data.render import IGNORE
+from chattune.train.resume import AtomicCheckpoints
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +39,8 @@ def supervised_loss(model: Any, inputs: dict[str, torch.Tensor], num_items: int 
     return loss / denom, outputs
 
 
-class ChattuneTrainer(Trainer):
-    """HF Trainer with the supervised-positions loss; everything else is the Trainer's own."""
+class ChattuneTrainer(AtomicCheckpoints, Trainer):
+    """HF Trainer with the supervised-positions loss and atomic checkpoints; everything else is the Trainer's own."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Normalising by num_items_in_batch matches the Trainer's own rule: such a loss is

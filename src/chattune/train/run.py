@@ -9,48 +9,74 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import set_seed
 
 from chattune import config as config_mod
 from chattune.config import RunConfig
 from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.formats import Conversation, LoadReport, load_conversations
 from chattune.data.cache import render_cached
-from chattune.data.render import ChatRenderer, RenderStats, Sample
+from chattune.data.render import ChatRenderer, RenderStats, Sample, render_all
 from chattune.data.split import split_eval
 from chattune.errors import ConfigError, RunDirError
 from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora
+from chattune.model.placement import training_device_map
+from chattune.model.quant import describe_quantization, prepare_for_kbit_training
 from chattune.model.sources import cache_root, resolve_model_dir
 from chattune.rundir import RunDir, read_jsonl, write_json
 from chattune.track import make_trackers
 from chattune.track.base import TrackingCallback, run_info
+from chattune.train import distributed as dist
+from chattune.train import resume as resume_mod
 from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, TokenCounter
+from chattune.train.throughput import lora_flops_per_token
 
 log = logging.getLogger("chattune")
 
 
-def run(cfg: RunConfig, *, overwrite: bool = False) -> RunDir:
-    """Fine-tune cfg.model on cfg.data with LoRA and write a complete run directory."""
-    run_dir = prepare_run_dir(cfg, overwrite=overwrite)
-    model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_force: bool = False) -> RunDir:
+    """Fine-tune cfg.model on cfg.data with LoRA and write a complete run directory (resuming an unfinished one)."""
+    dist.setup(cfg)  # several processes: checks, process group, one log (see train/distributed.py)
+    with dist.main_process_first():  # the main process creates or clears the folder; the others then read it
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite and dist.is_main_process(), resume=resume)
+    checkpoint = resume_mod.plan_resume(run_dir, resume=resume)
+    with dist.main_process_first():  # a packaged model is converted once, by the main process
+        model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
+                                      trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, cfg.model)
     renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
     conversations, load_report = load_training_data(cfg)
     conversations, eval_conversations = split_eval_data(cfg, conversations)
     probes, conversations = split_probes(cfg, conversations, eval_conversations)
-    samples, stats = render_training_data(cfg, renderer, conversations)
+    with dist.main_process_first():  # the others reuse the main process's tokenised cache
+        samples, stats = render_training_data(cfg, renderer, conversations)
     eval_samples, eval_info = render_eval_data(cfg, renderer, eval_conversations)
+    fingerprints = resume_mod.fingerprints(cfg, renderer, conversations, model_dir)
+    if checkpoint is not None:  # before anything in the run directory is rewritten
+        resume_mod.check_resume(run_dir, checkpoint, fingerprints, force=resume_force)
+    if dist.is_main_process():  # only the main process writes the run directory
+        config_mod.dump(cfg, run_dir.config_file)
+        resume_mod.prepare_files(run_dir, checkpoint)
     report_data(run_dir, load_report, stats, cfg, n_probes=len(probes), eval_info=eval_info)
     save_inference_assets(run_dir, cfg, tokenizer)
     dtype = resolve_dtype(cfg.model.dtype)
-    model = load_model(model_dir, cfg.model, dtype=dtype)
+    set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
+    model = load_model(model_dir, cfg.model, dtype=dtype, device_map=training_device_map(cfg.model))
+    model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
     model = apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
     model_info = describe_model(run_dir, model, dtype)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, samples, probes, renderer, dtype, eval_samples=eval_samples)
+    trainer.chattune_fingerprints = fingerprints  # stored in every checkpoint's marker
     started = time.perf_counter()
-    result = trainer.train()
-    trainer.model.save_pretrained(run_dir.adapter)
+    with resume_mod.GracefulInterrupt().installed() as interrupt:
+        trainer.add_callback(dist.synced(interrupt))  # several processes stop after the same step
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    dist.save_adapter(trainer, run_dir.adapter)  # gathered from shards where needed, written by the main process
+    if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
+        if dist.is_main_process():
+            resume_mod.report_interrupt(run_dir, trainer.state.global_step, trainer.state.max_steps)
+        raise KeyboardInterrupt
     return finish(run_dir, result, started, model_info, trainer)
 
 
@@ -58,19 +84,24 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> RunDir:
 # the steps
 
 
-def prepare_run_dir(cfg: RunConfig, *, overwrite: bool) -> RunDir:
-    """Create the run directory; refuse to train over a finished run unless told to."""
+def prepare_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool = False) -> RunDir:
+    """Create the run directory; refuse to train over a finished run unless told to.
+
+    An unfinished run is kept: run() resumes it from its last checkpoint (see train/resume.py).
+    """
     run_dir = RunDir(Path(cfg.output_dir))
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other", where="chattune train",
+                          fix="--resume continues the run in output_dir, --overwrite deletes it first: pass one")
     if run_dir.is_finished() and not overwrite:
         raise RunDirError(
-            "a finished run is already there",
+            "a finished run is already there" + (", so there is nothing to resume" if resume else ""),
             where=str(run_dir.root),
             fix="pass --overwrite to replace it, or choose another output_dir (e.g. output_dir=runs/demo2)",
         )
     if run_dir.root.exists() and overwrite:
         shutil.rmtree(run_dir.root)
     run_dir.root.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, run_dir.config_file)
     return run_dir
 
 
@@ -107,8 +138,10 @@ def split_eval_data(cfg: RunConfig, conversations: list[Conversation]) -> tuple[
     """(training, eval) conversations: data.eval files, or rows split off with data.eval_ratio / eval_size."""
     d = cfg.data
     if d.eval:
-        evals, _ = load_conversations(d.eval, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
-                                      on_bad_record=d.on_bad_record)
+        evals, eval_report = load_conversations(d.eval, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
+                                                on_bad_record=d.on_bad_record)
+        if eval_report.skipped:
+            log.warning("eval data: %s", eval_report.skipped_summary())
         return conversations, evals
     return split_eval(conversations, ratio=d.eval_ratio, size=d.eval_size, seed=cfg.train.seed)
 
@@ -150,21 +183,28 @@ def report_data(run_dir: RunDir, load_report: LoadReport, stats: RenderStats, cf
     for line in stats.summary(cfg.data.max_length):
         log.warning("data: %s", line)
     if load_report.skipped:
-        log.warning("data: skipped %d bad record(s) (data.on_bad_record=skip), listed in %s",
-                    len(load_report.skipped), run_dir.data_report)
-    write_json(run_dir.data_report, {
-        "files": load_report.per_file,
-        "skipped": [{"where": w, "reason": r} for w, r in load_report.skipped],
-        "render": {k: v for k, v in vars(stats).items()},
-        **({"eval": eval_info} if eval_info else {}),
-    })
+        log.warning("data: %s; every one is listed in %s", load_report.skipped_summary(), run_dir.data_report)
+    if dist.is_main_process():
+        write_json(run_dir.data_report, {
+            "files": load_report.per_file,
+            "skipped": [{"where": w, "reason": r} for w, r in load_report.skipped],
+            "render": {k: v for k, v in vars(stats).items()},
+            **({"eval": eval_info} if eval_info else {}),
+        })
     if stats.samples == 0:
-        raise ConfigError("no training samples left after rendering", where="data",
-                          fix="check data.max_length and data.overlength")
+        raise ConfigError(
+            f"no training samples left: of {stats.conversations} conversation(s), {stats.dropped_overlength} were "
+            f"longer than data.max_length={cfg.data.max_length} and dropped (data.overlength={cfg.data.overlength}), "
+            f"{stats.dropped_no_labels} had a prompt that alone fills max_length",
+            where="data.max_length",
+            fix="raise data.max_length, or set data.overlength=truncate to keep the start of long samples",
+        )
 
 
 def save_inference_assets(run_dir: RunDir, cfg: RunConfig, tokenizer: Any) -> None:
     """Tokenizer and the exact chat template, so later verbs render exactly as training did."""
+    if not dist.is_main_process():
+        return
     tokenizer.save_pretrained(run_dir.tokenizer)
     run_dir.template_file.write_text(tokenizer.chat_template, encoding="utf-8")
 
@@ -173,7 +213,7 @@ def use_gradient_checkpointing(cfg: RunConfig, model: Any) -> bool:
     """Resolve train.gradient_checkpointing=auto: on for models over 1B parameters."""
     gc = cfg.train.gradient_checkpointing
     if gc == "auto":
-        return sum(p.numel() for p in model.parameters()) > 1e9
+        return count_parameters(model)[1] > 1e9
     return bool(gc)
 
 
@@ -182,10 +222,13 @@ def describe_model(run_dir: RunDir, model: Any, dtype: torch.dtype) -> dict[str,
     trainable, total = count_parameters(model)
     footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else None
     info = {"trainable_params": trainable, "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
-            "dtype": str(dtype).replace("torch.", ""), "memory_bytes": footprint}
-    log.info("model: %s trainable of %s parameters (%.3f%%), %s, %.0f MiB", f"{trainable:,}", f"{total:,}",
-             info["trainable_pct"], info["dtype"], (footprint or 0) / 2**20)
-    write_json(run_dir.root / "model_info.json", info)
+            "dtype": str(dtype).replace("torch.", ""), "quantization": describe_quantization(model),
+            "memory_bytes": footprint}
+    log.info("model: %s trainable of %s parameters (%.3f%%), %s%s, %.0f MiB", f"{trainable:,}", f"{total:,}",
+             info["trainable_pct"], info["dtype"],
+             "" if info["quantization"] == "none" else f", base weights {info['quantization']}", (footprint or 0) / 2**20)
+    if dist.is_main_process():
+        write_json(run_dir.root / "model_info.json", info)
     return info
 
 
@@ -223,7 +266,7 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has
         dataloader_num_workers=0,
         disable_tqdm=True,  # our own bar shows loss and tokens/s
         label_names=["labels"],
-        prediction_loss_only=True,  # our loss returns logits for supervised positions only
+        **dist.training_args_kwargs(cfg),  # ddp backend, deepspeed=..., fsdp=... (train.distributed)
     )
 
 
@@ -247,19 +290,24 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, s
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    run_dir.metrics.unlink(missing_ok=True)
+    # metrics.jsonl was emptied (fresh start) or cut back to the checkpoint (resume) by resume.prepare_files.
     trackers = make_trackers(cfg, run_dir)  # [] for tracking.backends=[none]
     # Before the probes: the trackers' run must be open when the base model's answers arrive.
     trainer.add_callback(TrackingCallback(trackers, lambda: run_info(cfg, run_dir)))
-    trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter, sinks=[t.log_row for t in trackers]))
+    trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter, sinks=[t.log_row for t in trackers],
+                                         flops_per_token=lora_flops_per_token(model)))
     trainer.add_callback(PredictionProbes(probes, renderer, run_dir.predictions,
                                           max_new_tokens=cfg.tracking.probe_max_new_tokens,
-                                          sinks=[t.log_predictions for t in trackers]))
+                                          sinks=[t.log_predictions for t in trackers],
+                                          every_process=dist.shards_weights(cfg)))
+    trainer.add_callback(dist.DistributedReport())  # processes and global batch, in the log
     return trainer
 
 
 def finish(run_dir: RunDir, result: Any, started: float, model_info: dict[str, Any], trainer: Any) -> RunDir:
     """Write summary.json (the 'finished' marker) and tell the user where everything went."""
+    if not dist.is_main_process():
+        return run_dir
     rows = read_jsonl(run_dir.metrics)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     evals = [r for r in rows if r.get("eval_loss") is not None]

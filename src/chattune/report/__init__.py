@@ -1,0 +1,1 @@
+"""Reading run directories back: comparison tables, PNG plots and the self-contained HTML report."""

@@ -1,0 +1,91 @@
+"""SwanLab tracker: local dashboard by default (no account, no network), or the SwanLab cloud."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from chattune.config import RunConfig
+from chattune.errors import ConfigError
+from chattune.rundir import RunDir, write_json
+from chattune.track.base import PREDICTION_KEY, Tracker, prediction_caption, prediction_text, project_and_experiment
+
+# Our mode names -> swanlab's ("cloud" is what the SwanLab docs call it; the SDK says "online").
+MODES = {"local": "local", "cloud": "online", "offline": "offline", "disabled": "disabled"}
+INSTALL = "pip install 'chattune[swanlab]' (SwanLab with its local dashboard)"
+
+
+def default_logdir(cfg: RunConfig) -> Path:
+    """Where local/offline logs go: tracking.swanlab.logdir, else <output_dir>/../swanlog."""
+    s = cfg.tracking.swanlab
+    return Path(s.logdir).resolve() if s.logdir else Path(cfg.output_dir).resolve().parent / "swanlog"
+
+
+class SwanlabTracker(Tracker):
+    """Logs config, train/eval scalars and a "Prediction" text panel to one SwanLab experiment."""
+
+    name = "swanlab"
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir):
+        self.mode = cfg.tracking.swanlab.mode
+        self.project, self.experiment = project_and_experiment(cfg)
+        self.logdir = default_logdir(cfg)
+        self.run_dir = run_dir
+        self.swanlab = _import_swanlab(self.mode)
+        self.run: Any = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        sl = self.swanlab
+        extra: dict[str, Any] = {}
+        if self.mode != "cloud":
+            # A SWANLAB_WEBHOOK in the environment would be the only network call left in local mode.
+            extra["integration"] = {"webhook": {"url": ""}}
+        # interactive=False: never stop a training job at a login prompt.
+        settings = sl.Settings(mode=MODES[self.mode], log_dir=self.logdir, interactive=False, **extra)
+        # The API key stays with SwanLab (environment or its own login file): never in config or info.
+        self.run = sl.init(reinit=True, project=self.project, name=self.experiment, config=info, settings=settings,
+                           description=f"chattune run {self.run_dir.root}")
+        if self.mode != "disabled":
+            _record(self.run_dir, {"mode": self.mode, "logdir": str(self.logdir), "project": self.project,
+                                   "experiment": self.run.name, "swanlab_run_dir": str(self.run.dir)})
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.run is not None and scalars:
+            self.run.log(scalars, step=step)
+
+    def log_predictions(self, rows: list[dict], epoch: int, step: int) -> None:
+        if self.run is not None and rows:
+            texts = [self.swanlab.Text(prediction_text(r), caption=prediction_caption(r, i)) for i, r in enumerate(rows)]
+            self.run.log({PREDICTION_KEY: texts}, step=step)
+
+    def finish(self, ok: bool = True) -> None:
+        if self.run is not None:
+            self.run.finish(state="success" if ok else "crashed", error=None if ok else "training failed")
+            self.run = None
+
+
+def _import_swanlab(mode: str) -> Any:
+    """The swanlab module, after checking what the chosen mode needs (package, dashboard, credentials)."""
+    try:
+        import swanlab
+    except ImportError:
+        raise ConfigError("tracking.backends includes swanlab but the swanlab package is not installed",
+                          where="tracking.backends", fix=f"{INSTALL}, or set tracking.backends=[none]") from None
+    if mode == "local" and importlib.util.find_spec("swanboard") is None:
+        raise ConfigError("tracking.swanlab.mode=local needs the SwanLab dashboard package (swanboard)",
+                          where="tracking.swanlab.mode", fix=f"{INSTALL}, or set tracking.swanlab.mode=offline")
+    if mode == "cloud" and not swanlab.Settings().api_key:
+        raise ConfigError("tracking.swanlab.mode=cloud needs a SwanLab API key, and none was found",
+                          where="tracking.swanlab.mode",
+                          fix="export SWANLAB_API_KEY=... or run `swanlab login` once; or use tracking.swanlab.mode=local")
+    return swanlab
+
+
+def _record(run_dir: RunDir, entry: dict[str, Any]) -> None:
+    """Remember in RUN_DIR/tracking.json where the SwanLab logs are (`chattune dashboard RUN_DIR` reads it)."""
+    path = run_dir.root / "tracking.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data["swanlab"] = entry
+    write_json(path, data)

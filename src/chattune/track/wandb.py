@@ -1,0 +1,50 @@
+"""Weights & Biases tracker: the same scalars, the config, and the probe answers as a table."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from chattune.config import RunConfig
+from chattune.errors import ConfigError
+from chattune.rundir import RunDir
+from chattune.track.base import PREDICTION_KEY, Tracker, project_and_experiment
+
+
+class WandbTracker(Tracker):
+    """One W&B run; WANDB_PROJECT / WANDB_NAME / WANDB_MODE (e.g. offline) in the environment take precedence."""
+
+    name = "wandb"
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("tracking.backends includes wandb but the wandb package is not installed",
+                              where="tracking.backends",
+                              fix="pip install 'chattune[wandb]', or remove wandb from tracking.backends") from None
+        self.wandb = wandb
+        project, experiment = project_and_experiment(cfg)
+        self.project = os.environ.get("WANDB_PROJECT") or project
+        self.experiment = os.environ.get("WANDB_NAME") or experiment
+        self.run_dir = run_dir
+        self.run: Any = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        # wandb writes its files under dir/wandb; keep them inside the run directory.
+        self.run = self.wandb.init(project=self.project, name=self.experiment, config=info, dir=str(self.run_dir.root))
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.run is not None and scalars:
+            self.run.log(scalars, step=step)
+
+    def log_predictions(self, rows: list[dict], epoch: int, step: int) -> None:
+        if self.run is not None and rows:
+            table = self.wandb.Table(columns=["epoch", "question", "answer", "ground truth"],
+                                     data=[[r["epoch"], r["question"], r["answer"], r["reference"]] for r in rows])
+            self.run.log({PREDICTION_KEY: table}, step=step)
+
+    def finish(self, ok: bool = True) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=0 if ok else 1)
+            self.run = None
