@@ -27,6 +27,7 @@ def _merge(run, out, *extra):
 def merged(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("merged") / "model"
     assert _merge(tiny_run, out) == 0
+    assert torch.is_grad_enabled(), "no global grad switch left behind"
     return out
 
 

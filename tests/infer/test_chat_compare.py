@@ -2,6 +2,8 @@
 
 import io
 
+import torch
+
 from chattune import cli
 from chattune.infer import chat
 from chattune.infer.compare import LABELS
@@ -23,6 +25,7 @@ def test_prompt_compare_base_prints_tuned_then_base(tiny_run, capsys):
     capsys.readouterr()
     assert cli.main(["chat", str(tiny_run), "--prompt", "Hello there", "--max-new-tokens", "8", "--compare-base"]) == 0
     out = capsys.readouterr().out
+    assert torch.is_grad_enabled(), "chat leaves the global grad mode as it found it"
     assert out.startswith(LABELS[0])
     tuned, _, base = out[len(LABELS[0]):].partition("\n" + LABELS[1])
     tuned, base = tuned.strip(), base.strip()

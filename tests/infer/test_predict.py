@@ -92,6 +92,7 @@ def counted(monkeypatch):
 def test_predict_answers_every_row_with_the_runs_template_and_system(tiny_run, tmp_path, counted):
     data, out = _data(tmp_path), tmp_path / "out" / "pred.jsonl"
     assert _run(tiny_run, data, out) == 0
+    assert torch.is_grad_enabled(), "no global grad switch left behind (a later training in-process needs it)"
     rows = _lines(out)
     assert [r["index"] for r in rows] == list(range(6)), "written back in input order"
     assert counted == [4, 2], "batches of --batch-size"

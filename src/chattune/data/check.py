@@ -103,7 +103,7 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
     if preview:
         show_previews(console, renderer, full[:preview], d.max_length)
     write_json(out_dir / "check.json", asdict(report))
-    console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""))
+    console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)
     verdict(report, cfg)
     return report
 
@@ -218,6 +218,7 @@ def _summary(values: Sequence[int]) -> dict[str, float]:
 
 def show_files(console: Any, files: Sequence[FileReport]) -> None:
     """Rows per file, then the first invalid rows with their locations and reasons."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="data files")
@@ -225,13 +226,13 @@ def show_files(console: Any, files: Sequence[FileReport]) -> None:
         table.add_column(col, justify="left" if col in ("file", "role") else "right")
     for f in files:
         if f.error:
-            table.add_row(f.path, f.role, "-", "-", "[red]unreadable[/]")
+            table.add_row(escape(f.path), f.role, "-", "-", "[red]unreadable[/]")
         else:
-            table.add_row(f.path, f.role, str(f.rows), str(f.valid), f"[red]{len(f.invalid)}[/]" if f.invalid else "0")
+            table.add_row(escape(f.path), f.role, str(f.rows), str(f.valid), f"[red]{len(f.invalid)}[/]" if f.invalid else "0")
     console.print(table)
     for f in files:
         if f.error:
-            console.print(f"[red]cannot read[/] {f.error}")
+            console.print(f"[red]cannot read[/] {escape(f.error)}")
     invalid = [i for f in files for i in f.invalid]
     if invalid:
         console.print(f"[red]{len(invalid)} invalid row(s)[/] (all in check.json):")
@@ -243,10 +244,14 @@ def show_files(console: Any, files: Sequence[FileReport]) -> None:
 
 def show_duplicates(console: Any, duplicates: list[list[str]], conflicts: list[list[str]]) -> None:
     """Identical conversations and prompts answered differently, with a few locations."""
+    from rich.markup import escape
+
+    duplicates = [[escape(w) for w in g] for g in duplicates]
+    conflicts = [[escape(w) for w in g] for g in conflicts]
     extra = sum(len(g) - 1 for g in duplicates)
     if duplicates:
         console.print(f"[yellow]{extra} duplicate conversation(s)[/] in {len(duplicates)} group(s), e.g. "
-                      + "; ".join(" = ".join(g[:3]) for g in duplicates[:3]), markup=True)
+                      + "; ".join(" = ".join(g[:3]) for g in duplicates[:3]))
     else:
         console.print("duplicates: none")
     if conflicts:
@@ -336,6 +341,7 @@ def mask_segments(tokenizer: Any, sample: Sample, max_length: int, edge: int | N
 
 def show_previews(console: Any, renderer: ChatRenderer, samples: Sequence[Sample], max_length: int) -> None:
     """Each sample's text with supervised tokens in green and ignored ones dimmed; what max_length cuts struck out."""
+    from rich.markup import escape
     from rich.text import Text
 
     legend = Text("\nlabel mask: ")
@@ -352,7 +358,7 @@ def show_previews(console: Any, renderer: ChatRenderer, samples: Sequence[Sample
                      else "bold black on green" if seg.supervised else "dim")
             text.append(seg.text, style=style)
         n_sup = sum(l != IGNORE for l in s.labels)
-        console.rule(f"sample {k + 1}: {s.where} · {len(s.input_ids)} tokens, {n_sup} supervised")
+        console.rule(f"sample {k + 1}: {escape(s.where)} · {len(s.input_ids)} tokens, {n_sup} supervised")
         console.print(text)
         if len(s.input_ids) > max_length:
             console.print(f"[red]✂ cut at max_length={max_length}: {len(s.input_ids) - max_length} tokens lost[/]")

@@ -107,9 +107,10 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"byte {exc.start} is not valid UTF-8 ({raw[exc.start:exc.start + 1]!r})",
+            f"the file is not UTF-8 text: byte {exc.start} (0x{raw[exc.start]:02x}) is not valid UTF-8 "
+            "(it looks saved as GBK, Latin-1 or another legacy encoding)",
             where=f"{path}:{line}",
-            fix="re-save the file as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.json > out.json`",
+            fix="re-save the file as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.json > out.json` (or -f LATIN1)",
         ) from None
 
 

@@ -163,11 +163,24 @@ class ChatRenderer:
             for i in turns:
                 texts.extend(self._turn_texts(conv.messages, i))
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for k in range(0, len(texts), 2):
+            ids[k + 1] = self._answer_after_prompt(texts[k], texts[k + 1], ids[k], ids[k + 1])
         out = []
         for conv, start, n in plans:
             spans = [self._turn_span(ids[start + 2 * k], ids[start + 2 * k + 1], conv.where) for k in range(n)]
             out.append(self._samples(conv, spans))
         return out
+
+    def _answer_after_prompt(self, prompt_text: str, full_text: str, prompt: list[int], full: list[int]) -> list[int]:
+        """Ids through the answer, continuing the prompt's own ids where the text continues the prompt's text.
+
+        An answer starting with whitespace (e.g. "\n...") can merge with the generation prompt's last
+        characters into one token, so the whole render no longer starts with the prompt's ids. Inference
+        feeds exactly the prompt's ids and the model writes the answer after them, so training does the same.
+        """
+        if full[: len(prompt)] == prompt or not full_text.startswith(prompt_text):
+            return full  # the common case, or a template that really is not prefix-stable (reported later)
+        return prompt + self.tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
 
     @staticmethod
     def _samples(conv: Conversation, spans: list[tuple[list[int], int, int]]) -> tuple[list[Sample], bool]:

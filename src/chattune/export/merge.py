@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import os
 import re
 import resource
@@ -32,8 +31,6 @@ import torch
 
 from chattune.errors import ChattuneError, ConfigError, RunDirError
 
-log = logging.getLogger("chattune")
-
 INFO_FILE = "chattune.json"  # also marks a folder as ours: a later merge may replace it
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest |merged - adapter| logit difference accepted, relative to the largest |logit|. The merged
@@ -41,7 +38,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # run time; in bf16 that rounding alone moves SmolLM2-135M's logits by ~3% of their scale (measured),
 # a missing or mis-scaled adapter by ~50%.
 _RTOL = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.08}
-_FALLBACK_PROMPTS = ["Hello! Who are you?", "Explain in two sentences why the sky is blue.", "你好，请介绍一下你自己。"]
+_FALLBACK_PROMPTS = ["Hello! Who are you?", "Explain in two sentences why the sky is blue.",
+                     "你好，请介绍一下你自己。"]
 
 
 class MergeCheckError(ChattuneError):
@@ -60,7 +58,6 @@ def run(run_dir: str, *, out: str, dtype: str = "auto", max_shard_size: str = "2
     shard_bytes = parse_size(max_shard_size)
     out_path = Path(out).expanduser().resolve()
     check_out(out_path, rd)
-    torch.set_grad_enabled(False)
 
     from chattune.model.sources import resolve_model_dir
 

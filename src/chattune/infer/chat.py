@@ -111,10 +111,12 @@ def repl(session: Session, *, system: str | None, inp: TextIO | None = None, out
 
 def run(run_path: str, *, prompt: str | None = None, system: str | None = None, compare_base: bool = False, **gen) -> None:
     """Entry point of `chattune chat`."""
-    torch.set_grad_enabled(False)
-    session = load_session(run_path)
-    system = system if system is not None else session.system
-    if prompt is not None:
-        answer_once(session, prompt, system=system, compare_base=compare_base, **gen)
-    else:
-        repl(session, system=system, compare_base=compare_base, **gen)
+    # A context, not torch.set_grad_enabled(False): a global switch would outlive the call (and break a later
+    # training in the same process, e.g. in tests). Generation threads use inference_mode themselves.
+    with torch.no_grad():
+        session = load_session(run_path)
+        system = system if system is not None else session.system
+        if prompt is not None:
+            answer_once(session, prompt, system=system, compare_base=compare_base, **gen)
+        else:
+            repl(session, system=system, compare_base=compare_base, **gen)

@@ -140,7 +140,6 @@ def predict_rows(model: Any, renderer: Any, rows: list[Row], out: Path, *, batch
 def run(run_dir: str, *, data: str, out: str, batch_size: int = 8, max_new_tokens: int = 512, do_sample: bool = False,
         temperature: float = 0.7, top_p: float = 0.9) -> Path:
     """Entry point of `chattune predict`."""
-    import torch
     from tqdm.auto import tqdm
 
     from chattune.infer.session import load_session
@@ -158,7 +157,6 @@ def run(run_dir: str, *, data: str, out: str, batch_size: int = 8, max_new_token
         log.info("predict: %d of %d rows already in %s; answering the other %d", len(rows) - len(todo), len(rows),
                  out_path, len(todo))
     if todo:
-        torch.set_grad_enabled(False)
         session = load_session(run_dir)
         gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p}
         with tqdm(total=len(todo), desc="predict", unit="row", dynamic_ncols=True, file=sys.stderr) as bar:

@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -546,7 +545,6 @@ def make_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, ap
 def run(path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         max_tokens_limit: int = 2048, max_body_bytes: int = 1_000_000) -> None:
     """Entry point of `chattune serve`: load once, then answer until interrupted."""
-    torch.set_grad_enabled(False)
     engine = load_engine(path)
     server = make_server(engine, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit,
                          max_body_bytes=max_body_bytes)

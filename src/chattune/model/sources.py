@@ -308,12 +308,20 @@ def _modelscope_snapshot_download(model_id: str, *, revision: str | None, allow_
         raise ModelError(
             "model.source=modelscope needs the modelscope package, which is not installed",
             where="model.source",
-            fix="run `pip install modelscope`, or set model.source=hf",
+            fix="run `pip install modelscope` (the chattune[modelscope] extra pins a tested version), or set model.source=hf",
         ) from err
     kwargs: dict[str, Any] = {"allow_patterns": allow_patterns, "ignore_patterns": _IGNORE}
     if revision:  # modelscope has its own default branch name; only pass one the user chose
         kwargs["revision"] = revision
-    return snapshot_download(model_id, **kwargs)
+    try:
+        return snapshot_download(model_id, **kwargs)
+    except Exception:  # noqa: BLE001 - offline or unreachable
+        # modelscope does not fall back to its own cache when the network fails: look there before giving up.
+        try:
+            return snapshot_download(model_id, local_files_only=True, **kwargs)
+        except Exception:  # noqa: BLE001 - not cached either: report the first failure
+            pass
+        raise
 
 
 def _choices() -> str:

@@ -99,10 +99,10 @@ def comparison_section(runs: Sequence[RunData]) -> str:
     train = [Series(r.name, *r.series("loss"), colour=PALETTE[i % 10]) for i, r in enumerate(runs)]
     evals = [Series(r.name, *r.series("eval_loss"), colour=PALETTE[i % 10], markers=True) for i, r in enumerate(runs)]
     charts = [line_chart(train, title="training loss (all runs)", chart_id="compare-loss", y_label="loss",
-                         width=640, height=340)]
+                         width=560, height=320)]
     if any(s.xs for s in evals):
         charts.append(line_chart(evals, title="eval loss (all runs)", chart_id="compare-eval-loss", y_label="loss",
-                                 width=640, height=340))
+                                 width=560, height=320))
     return ('<section id="comparison"><h2>Comparison</h2>' + table(rows, css="comparison")
             + f'<div class="charts">{"".join(charts)}</div></section>')
 
@@ -132,7 +132,8 @@ def facts(r: RunData) -> str:
         ("LoRA", f"r {r.get('lora.r')}, alpha {r.get('lora.alpha')}, dropout {r.get('lora.dropout')}"),
         ("batch", f"{r.get('train.batch_size')} × {r.get('train.grad_accum')}"),
         ("learning rate", r.get("train.learning_rate")),
-        ("epochs", r.get("train.epochs") if (r.get("train.max_steps") or -1) < 0 else f"max_steps {r.get('train.max_steps')}"),
+        ("length", f"{r.get('train.epochs'):g} epochs" if (r.get("train.max_steps") or -1) < 0 and isinstance(r.get("train.epochs"), (int, float))
+         else f"max_steps {r.get('train.max_steps')}"),
         ("max_length", r.get("data.max_length")),
         ("steps", r.summary.get("global_step")),
         ("wall time", f"{r.summary['wall_s']:.0f} s" if isinstance(r.summary.get("wall_s"), (int, float)) else None),

@@ -13,19 +13,24 @@ from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer
 from chattune.infer.generate import generate_batch
 from chattune.rundir import append_jsonl
+from chattune.train.distributed import process_count, sum_over_processes
 from chattune.train.throughput import gpu_stats
 
 
 class TokenCounter:
-    """Wraps a collator and counts the real (non-padding) tokens it hands to the model."""
+    """Counts the real (non-padding) tokens trained on; ChattuneTrainer adds each batch as it computes its loss.
 
-    def __init__(self, collate: Callable[[list[dict]], dict]):
-        self.collate = collate
+    Counting in the collator would be off by a batch: the dataloader collates one
+    batch ahead, so the last step of an epoch would seem to have no tokens.
+    """
+
+    def __init__(self) -> None:
         self.tokens = 0
 
-    def __call__(self, features: list[dict]) -> dict:
-        self.tokens += sum(len(f["input_ids"]) for f in features)
-        return self.collate(features)
+    def add(self, inputs: dict) -> None:
+        """Add one batch: tokens under the attention mask, or all of them for padding-free batches."""
+        mask = inputs.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
 
 
 class ProgressAndMetrics(TrainerCallback):
@@ -54,7 +59,6 @@ class ProgressAndMetrics(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         self._train_time += time.perf_counter() - self._step_started
-        self._tokens_at_step_end = self.counter.tokens
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -64,7 +68,8 @@ class ProgressAndMetrics(TrainerCallback):
             return
         # The batches of the step being logged were collated before on_step_begin fired, so
         # counting tokens here and time inside steps measures the same steps.
-        tps = (self.counter.tokens - self._tokens0) / max(self._train_time, 1e-9)
+        # Several processes: tokens/s counts the tokens of all of them (MFU below stays per device).
+        tps = sum_over_processes(self.counter.tokens - self._tokens0) / max(self._train_time, 1e-9)
         self._train_time, self._tokens0 = 0.0, self.counter.tokens
         row = {
             "step": state.global_step,
@@ -73,7 +78,7 @@ class ProgressAndMetrics(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_s": round(tps, 1),
-            **gpu_stats(tps, self.flops_per_token),
+            **gpu_stats(tps / process_count(), self.flops_per_token),
         }
         if state.is_world_process_zero:
             append_jsonl(self.metrics_path, row)
@@ -84,8 +89,6 @@ class ProgressAndMetrics(TrainerCallback):
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2e}", tok_s=f"{tps:.0f}", **extra)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
-        # Eval batches pass through the same counting collator; keep them out of the training tokens/s.
-        self._tokens0 += self.counter.tokens - getattr(self, "_tokens_at_step_end", self.counter.tokens)
         loss = (metrics or {}).get("eval_loss")
         if loss is None:
             return

@@ -126,17 +126,33 @@ def main_process_first() -> Iterator[None]:
         barrier()
 
 
-def any_process(flag: bool) -> bool:
-    """True when `flag` is true in at least one process (every process must call this)."""
-    if not _initialized():
-        return flag
+def _all_reduce(value: float, op: str) -> float:
     import torch
     import torch.distributed as dist
 
     device = torch.device("cuda", world().local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return float(t.item())
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true in at least one process (every process must call this)."""
+    return bool(_all_reduce(float(flag), "MAX")) if _initialized() else flag
+
+
+def sum_over_processes(value: float) -> float:
+    """The sum of `value` over all processes (every process must call this); the value itself in one process."""
+    return _all_reduce(value, "SUM") if _initialized() else value
+
+
+def process_count() -> int:
+    """How many processes train together (1 without a process group)."""
+    if not _initialized():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
 
 
 # ---------------------------------------------------------------------------
@@ -281,19 +297,21 @@ def fsdp_config(*, offload: bool = False) -> dict[str, Any]:
     }
 
 
-def training_args_kwargs(cfg: RunConfig, *, cuda: bool | None = None) -> dict[str, Any]:
+def training_args_kwargs(cfg: RunConfig, *, cuda: bool | None = None, world_size: int | None = None) -> dict[str, Any]:
     """The TrainingArguments fields of train.distributed (ddp backend, deepspeed=..., fsdp=..., fsdp_config=...)."""
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
+    size = world().size if world_size is None else world_size
     t = cfg.train
-    kw: dict[str, Any] = {
-        # CPU processes talk over gloo; on GPUs the Trainer's default is nccl.
-        "ddp_backend": None if cuda else "gloo",
+    kw: dict[str, Any] = {}
+    if size > 1:
+        # CPU processes talk over gloo; on GPUs the Trainer's default is nccl. (A backend named in a single
+        # process would make accelerate look for a process group that does not exist.)
+        kw["ddp_backend"] = None if cuda else "gloo"
         # Every LoRA weight takes part in every forward pass; searching the graph for unused ones costs time.
-        "ddp_find_unused_parameters": False,
-    }
+        kw["ddp_find_unused_parameters"] = False
     if t.distributed.startswith("deepspeed"):
         stage = int(t.distributed[-1])
         kw["deepspeed"] = t.deepspeed_config or deepspeed_config(stage, offload=t.cpu_offload)
@@ -339,6 +357,11 @@ def worker_argv(args: Any, nproc: int) -> list[str]:
 def launch(cfg: RunConfig, args: Any) -> int:
     """Run this `chattune train` as train.nproc processes under torchrun; return its exit status."""
     check_supported(cfg)
+    if not getattr(args, "overwrite", False):
+        from chattune.train.run import prepare_run_dir
+
+        # A finished run is refused here, once, rather than by every process under torchrun's failure report.
+        prepare_run_dir(cfg, overwrite=False, resume=getattr(args, "resume", False))
     nproc = cfg.train.nproc
     cmd = launch_command(worker_argv(args, nproc), nproc)
     log.info("launch: %d training process%s (%s) through torchrun: %s", nproc, "es" if nproc > 1 else "",
@@ -357,6 +380,15 @@ def launch(cfg: RunConfig, args: Any) -> int:
     return rc
 
 
+def _quiet_deepspeed() -> None:
+    # accelerate imports DeepSpeed (when installed) for every Trainer; without GPUs DeepSpeed then warns that
+    # it falls back to the CPU, which is what this machine asked for.
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def restore_sigint() -> None:
     """In a worker of launch(): take Ctrl-C back (it arrives ignored) so training can stop gracefully."""
     if os.environ.get(LAUNCHED_ENV) and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
@@ -370,8 +402,14 @@ def restore_sigint() -> None:
 def setup(cfg: RunConfig) -> World:
     """Check the settings, join the process group and keep the log to the main process; return this process's World."""
     check_supported(cfg)
+    _quiet_deepspeed()
     w = world()
     if not under_launcher():
+        if cfg.train.distributed != "ddp":
+            raise ConfigError(f"train.distributed={cfg.train.distributed} runs under a distributed launcher",
+                              where="train.distributed",
+                              fix="start it with `chattune train CONFIG --nproc N` (it starts torchrun), torchrun "
+                              "or accelerate launch")
         return w
     restore_sigint()
     init_process_group(cfg)

@@ -47,6 +47,9 @@ class ChattuneTrainer(AtomicCheckpoints, Trainer):
         # already scaled for gradient accumulation, a per-batch mean is divided by it later.
         if not self.model_accepts_loss_kwargs:
             num_items_in_batch = None
+        counter = getattr(self, "token_counter", None)
+        if counter is not None and model.training:
+            counter.add(inputs)
         loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes

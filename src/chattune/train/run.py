@@ -21,6 +21,7 @@ from chattune.data.split import split_eval
 from chattune.errors import ConfigError, RunDirError
 from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora
+from chattune.model.safety import check_padding_free
 from chattune.model.placement import training_device_map
 from chattune.model.quant import describe_quantization, prepare_for_kbit_training
 from chattune.model.sources import cache_root, resolve_model_dir
@@ -62,6 +63,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     save_inference_assets(run_dir, cfg, tokenizer)
     dtype = resolve_dtype(cfg.model.dtype)
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
+    check_padding_free(model_dir, padding_free=cfg.train.padding_free, trust_remote_code=cfg.model.trust_remote_code)
     model = load_model(model_dir, cfg.model, dtype=dtype, device_map=training_device_map(cfg.model))
     model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
     model = apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
@@ -192,10 +194,12 @@ def report_data(run_dir: RunDir, load_report: LoadReport, stats: RenderStats, cf
             **({"eval": eval_info} if eval_info else {}),
         })
     if stats.samples == 0:
+        reasons = [f"{stats.dropped_overlength} longer than data.max_length={cfg.data.max_length} were dropped "
+                   f"(data.overlength={cfg.data.overlength})" if stats.dropped_overlength else "",
+                   f"{stats.dropped_no_labels} had a prompt that alone fills max_length" if stats.dropped_no_labels else ""]
         raise ConfigError(
-            f"no training samples left: of {stats.conversations} conversation(s), {stats.dropped_overlength} were "
-            f"longer than data.max_length={cfg.data.max_length} and dropped (data.overlength={cfg.data.overlength}), "
-            f"{stats.dropped_no_labels} had a prompt that alone fills max_length",
+            f"no training samples left: of {stats.conversations} conversation(s), "
+            + ", ".join(r for r in reasons if r),
             where="data.max_length",
             fix="raise data.max_length, or set data.overlength=truncate to keep the start of long samples",
         )
@@ -280,14 +284,15 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, s
 
     # Padding-free batches need use_cache=False for exact sequence boundaries; training never uses the cache.
     model.config.use_cache = False
-    counter = TokenCounter(make_collate(cfg.train.padding_free, tokenizer.pad_token_id))
+    counter = TokenCounter()
     trainer = ChattuneTrainer(
         model=model,
         args=to_training_args(cfg, run_dir, dtype, has_eval=bool(eval_samples)),
         train_dataset=SampleDataset(samples),
         eval_dataset=SampleDataset(eval_samples) if eval_samples else None,
-        data_collator=counter,  # eval batches use the same (padding-free) collator
+        data_collator=make_collate(cfg.train.padding_free, tokenizer.pad_token_id),  # eval uses the same collator
     )
+    trainer.token_counter = counter
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     # metrics.jsonl was emptied (fresh start) or cut back to the checkpoint (resume) by resume.prepare_files.

@@ -110,6 +110,7 @@ def run(config_path: str, overrides: Sequence[str] = (), *, grid: Sequence[str] 
                 save_state(root, config_path, overrides, axes, points, started)
     finally:
         # Also after Ctrl+C: the runs that finished are worth a table.
+        save_state(root, config_path, overrides, axes, points, started)
         write_comparison(root, points, axes, configs, title=f"sweep of {config_path}")
     failed = [p for p in points if p.status == "failed"]
     if failed:
