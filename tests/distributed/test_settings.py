@@ -204,7 +204,8 @@ def test_launch_command_reruns_the_same_train_command():
     argv = dist.worker_argv(args, 2)
     assert argv == ["train", "configs/demo.yaml", "train.epochs=1", "output_dir=runs/x", "train.nproc=2", "--overwrite"]
     assert dist.launch_command(argv, 2) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                            "--nproc_per_node=2", "-m", "chattune.cli", *argv]
+                                            "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT",
+                                            "-m", "chattune.cli", *argv]
 
 
 def test_cli_nproc_hands_over_to_the_launcher(tmp_path, no_launcher, monkeypatch):

@@ -117,3 +117,13 @@ def test_server_run_takes_the_key_from_the_environment(monkeypatch):
     assert cli.main(["serve", "runs/demo"]) == 0
     assert seen["host"] == "127.0.0.1" and seen["api_key"] == "k-from-env"
     assert seen["max_tokens_limit"] == 2048 and seen["max_body_bytes"] == 1_000_000
+
+
+def test_the_server_itself_defaults_to_loopback():
+    import inspect
+
+    serve = pytest.importorskip("chattune.infer.serve")
+    for fn in (serve.run, serve.make_server):
+        params = inspect.signature(fn).parameters
+        assert params["host"].default == "127.0.0.1", fn.__name__
+        assert params["api_key"].default is None and params["max_tokens_limit"].default > 0

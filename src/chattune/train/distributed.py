@@ -341,7 +341,7 @@ def launch_command(train_argv: list[str], nproc: int) -> list[str]:
     """`python -m torch.distributed.run --standalone --nproc_per_node N -m chattune.cli train ...`."""
     # --standalone: a single-node rendezvous on a free port, so two runs on one machine never collide.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "chattune.cli", *train_argv]
+            f"--signals-to-handle={_TORCHRUN_SIGNALS}", "-m", "chattune.cli", *train_argv]
 
 
 def worker_argv(args: Any, nproc: int) -> list[str]:
@@ -366,15 +366,18 @@ def launch(cfg: RunConfig, args: Any) -> int:
     cmd = launch_command(worker_argv(args, nproc), nproc)
     log.info("launch: %d training process%s (%s) through torchrun: %s", nproc, "es" if nproc > 1 else "",
              cfg.train.distributed, shlex.join(cmd))
-    env = {**os.environ, LAUNCHED_ENV: "1", "TORCHELASTIC_SIGNALS_TO_HANDLE": _TORCHRUN_SIGNALS}
-    # Ctrl-C reaches every worker straight from the terminal; torchrun and this process ignore it (an
-    # ignored signal stays ignored across exec) and wait for the workers to save and exit.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    # Ctrl-C reaches every worker straight from the terminal. torchrun starts with it ignored (an ignored
+    # signal stays ignored across exec) and this process only notes it: both wait for the workers to save.
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
-        proc = subprocess.Popen(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         rc = proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
+    if rc != 0 and interrupted:
+        raise KeyboardInterrupt  # the workers said what they saved and how to resume
     if rc != 0:
         log.error("launch: the training processes stopped with exit status %d (their messages are above)", rc)
     return rc
