@@ -204,7 +204,7 @@ def test_launch_command_reruns_the_same_train_command():
     argv = dist.worker_argv(args, 2)
     assert argv == ["train", "configs/demo.yaml", "train.epochs=1", "output_dir=runs/x", "train.nproc=2", "--overwrite"]
     assert dist.launch_command(argv, 2) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                            "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT",
+                                            "--nproc_per_node=2", "--shutdown-timeout=900",
                                             "-m", "chattune.cli", *argv]
 
 

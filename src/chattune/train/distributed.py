@@ -34,10 +34,9 @@ log = logging.getLogger("chattune")
 
 MODES = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 SHARDED = ("deepspeed_zero3", "fsdp")  # modes that split the weights themselves over the processes
-LAUNCHED_ENV = "CHATTUNE_LAUNCHED"  # set by launch() for its workers
-# torchrun's own SIGINT handler would send every worker a second SIGINT right after the terminal's
-# first one, turning "finish the step and save" into "stop at once"; the launcher leaves SIGINT to the workers.
-_TORCHRUN_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT"
+# torchrun runs each worker in its own session: a Ctrl-C reaches torchrun only, which sends every worker one
+# SIGINT (they finish the step and save) and kills them after this many seconds (its default: 30).
+SHUTDOWN_TIMEOUT_S = 900
 _DEEPSPEED_PIP = "pip install 'chattune[deepspeed]' (deepspeed==0.19.8) on the GPU machine"
 
 
@@ -341,7 +340,7 @@ def launch_command(train_argv: list[str], nproc: int) -> list[str]:
     """`python -m torch.distributed.run --standalone --nproc_per_node N -m chattune.cli train ...`."""
     # --standalone: a single-node rendezvous on a free port, so two runs on one machine never collide.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--signals-to-handle={_TORCHRUN_SIGNALS}", "-m", "chattune.cli", *train_argv]
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "chattune.cli", *train_argv]
 
 
 def worker_argv(args: Any, nproc: int) -> list[str]:
@@ -366,13 +365,11 @@ def launch(cfg: RunConfig, args: Any) -> int:
     cmd = launch_command(worker_argv(args, nproc), nproc)
     log.info("launch: %d training process%s (%s) through torchrun: %s", nproc, "es" if nproc > 1 else "",
              cfg.train.distributed, shlex.join(cmd))
-    env = {**os.environ, LAUNCHED_ENV: "1"}
-    # Ctrl-C reaches every worker straight from the terminal. torchrun starts with it ignored (an ignored
-    # signal stays ignored across exec) and this process only notes it: both wait for the workers to save.
+    # On Ctrl-C this process only takes note and keeps waiting while torchrun lets the workers save.
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        proc = subprocess.Popen(cmd)
         rc = proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -392,12 +389,6 @@ def _quiet_deepspeed() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-def restore_sigint() -> None:
-    """In a worker of launch(): take Ctrl-C back (it arrives ignored) so training can stop gracefully."""
-    if os.environ.get(LAUNCHED_ENV) and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 # ---------------------------------------------------------------------------
 # inside each training process
 
@@ -414,7 +405,6 @@ def setup(cfg: RunConfig) -> World:
                               fix="start it with `chattune train CONFIG --nproc N` (it starts torchrun), torchrun "
                               "or accelerate launch")
         return w
-    restore_sigint()
     init_process_group(cfg)
     if not w.is_main:
         # One log for the run: the other processes report only warnings and errors.
