@@ -3,7 +3,8 @@
     python driver.py ACTION STEP chattune-args...
 
 ACTION: kill (SIGKILL itself before training step STEP+1), kill-in-save (SIGKILL itself while
-the checkpoint of step STEP is half written), sigint (Ctrl-C to itself after step STEP),
+the checkpoint of step STEP is half written), kill-in-probes (SIGKILL itself while answering the
+probes after epoch STEP), sigint (Ctrl-C to itself after step STEP),
 slow (sleep in every step, so a parent can send signals in time). STEP is a global step.
 """
 
@@ -12,11 +13,13 @@ import signal
 import sys
 import time
 
+from chattune.train.callbacks import PredictionProbes
 from chattune.train.loss import ChattuneTrainer
 
 action, at = sys.argv[1], int(sys.argv[2])
 step_orig = ChattuneTrainer.training_step
 save_rng_orig = ChattuneTrainer._save_rng_state
+answer_orig = PredictionProbes.answer
 
 
 def training_step(self, *a, **k):
@@ -36,6 +39,13 @@ def save_rng_state(self, output_dir):
     return save_rng_orig(self, output_dir)
 
 
+def answer(self, model, epoch, step, **kw):
+    if action == "kill-in-probes" and epoch == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return answer_orig(self, model, epoch, step, **kw)
+
+
+PredictionProbes.answer = answer
 ChattuneTrainer.training_step = training_step
 ChattuneTrainer._save_rng_state = save_rng_state
 

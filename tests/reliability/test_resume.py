@@ -87,6 +87,18 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
+def test_killed_after_the_last_step_finishes_the_run(tmp_path, tiny_model_dir, baseline):
+    argv = train_argv(write_config(tmp_path, tiny_model_dir), tmp_path / "run")
+    assert run_driver("kill-in-probes", 2, argv).returncode == -signal.SIGKILL  # the last epoch's probe answers
+    run = tmp_path / "run"
+    assert not (run / "predictions" / "epoch_2.jsonl").exists() and not (run / "summary.json").exists()
+    assert cli.main(argv) == 0
+    assert_same_curve(run, baseline)
+    assert (run / "predictions" / "epoch_2.jsonl").read_text() == (baseline / "predictions" / "epoch_2.jsonl").read_text()
+    assert json.loads((run / "summary.json").read_text())["global_step"] == STEPS
+
+
+@pytest.mark.slow
 def test_killed_before_the_first_checkpoint_starts_over_cleanly(tmp_path, tiny_model_dir, baseline):
     argv = train_argv(write_config(tmp_path, tiny_model_dir), tmp_path / "run")
     assert run_driver("kill", 2, argv).returncode == -signal.SIGKILL

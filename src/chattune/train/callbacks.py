@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from chattune.data.render import ChatRenderer
 from chattune.infer.generate import generate_batch
 from chattune.rundir import append_jsonl
 from chattune.train.distributed import process_count, sum_over_processes
+from chattune.train.resume import atomic_write_text
 from chattune.train.throughput import gpu_stats
 
 
@@ -147,17 +149,24 @@ class PredictionProbes(TrainerCallback):
             return rows
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"epoch_{epoch}.jsonl"
-        path.unlink(missing_ok=True)
-        for row in rows:
-            append_jsonl(path, row)
+        # Whole or not at all: resume keeps the answer files of finished epochs as they are.
+        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         for sink in self.sinks:
             sink(rows, epoch, step)
         self.done[epoch] = rows
         return rows
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if self.probes and (state.is_world_process_zero or self.every_process) and state.global_step == 0:
+        if not (self.probes and (state.is_world_process_zero or self.every_process)):
+            return
+        if state.global_step == 0:
             self.answer(model, 0, 0, write=state.is_world_process_zero)
+            return
+        # Resumed from the checkpoint that ends an epoch whose answers were never written (killed in between):
+        # the weights are exactly that epoch's, so answer now.
+        epoch = round(state.epoch or 0)
+        if epoch >= 1 and abs((state.epoch or 0) - epoch) < 1e-6 and not (self.out_dir / f"epoch_{epoch}.jsonl").is_file():
+            self.answer(model, epoch, state.global_step, write=state.is_world_process_zero)
 
     def on_epoch_end(self, args, state, control, model=None, **kw):
         if self.probes and (state.is_world_process_zero or self.every_process):

@@ -32,7 +32,6 @@ from chattune.errors import ConfigError
 
 log = logging.getLogger("chattune")
 
-MODES = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 SHARDED = ("deepspeed_zero3", "fsdp")  # modes that split the weights themselves over the processes
 # torchrun runs each worker in its own session: a Ctrl-C reaches torchrun only, which sends every worker one
 # SIGINT (they finish the step and save) and kills them after this many seconds (its default: 30).

@@ -295,6 +295,7 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, s
     trainer.token_counter = counter
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    trainer.add_callback(dist.DistributedReport())  # processes and global batch, logged before the progress bar
     # metrics.jsonl was emptied (fresh start) or cut back to the checkpoint (resume) by resume.prepare_files.
     trackers = make_trackers(cfg, run_dir)  # [] for tracking.backends=[none]
     # Before the probes: the trackers' run must be open when the base model's answers arrive.
@@ -305,7 +306,6 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, s
                                           max_new_tokens=cfg.tracking.probe_max_new_tokens,
                                           sinks=[t.log_predictions for t in trackers],
                                           every_process=dist.shards_weights(cfg)))
-    trainer.add_callback(dist.DistributedReport())  # processes and global batch, in the log
     return trainer
 
 
