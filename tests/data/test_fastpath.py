@@ -210,3 +210,19 @@ def test_gc_paused_restores_the_collector():
     with pytest.raises(RuntimeError), gc_paused():
         raise RuntimeError
     assert gc.isenabled()
+
+
+def test_chunked_rendering_equals_one_batch(qwen3_tok, monkeypatch):
+    from chattune.data import render
+
+    convs = [Conversation(m, f"{k}{i}") for i in range(3) for k, m in CASES.items()]
+    whole, _ = render_all(slow_renderer(qwen3_tok), convs, max_length=64)
+    monkeypatch.setattr(render, "RENDER_CHUNK", 2)  # pieces repeat across chunks: each still encoded once
+    chunked, _ = render_all(ChatRenderer(qwen3_tok), convs, max_length=64)
+    assert [(s.input_ids, s.labels, s.where) for s in chunked] == [(s.input_ids, s.labels, s.where) for s in whole]
+
+
+def test_encode_chunks_keeps_order_across_chunks(qwen3_tok):
+    chunks = [["<|im_start|>a", "b<|im_end|>"], [], ["<|im_start|>a", "c"], ["b<|im_end|>"]]
+    flat = [t for c in chunks for t in c]
+    assert SegmentEncoder(qwen3_tok).encode_chunks(iter(chunks)) == qwen3_tok(flat, add_special_tokens=False)["input_ids"]

@@ -27,7 +27,8 @@ import inspect
 import json
 import logging
 import re
-from typing import Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +177,17 @@ class SegmentEncoder:
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
+        return self.encode_chunks([list(texts)])
+
+    def encode_chunks(self, chunks: Iterable[list[str]]) -> list[list[int]]:
+        """Ids of the texts of all chunks, in order.
+
+        Each chunk's new pieces are encoded in a background thread while the caller produces the next
+        chunk: the fast tokenizer releases the GIL while it encodes (on all cores).
+        """
         self._refresh()
         if self.why_not is not None or self.splitter is None:
-            return self._plain(texts)
+            return self._plain([t for chunk in chunks for t in chunk])
         from transformers.tokenization_utils_base import TruncationStrategy
         from transformers.utils import PaddingStrategy
 
@@ -194,9 +201,21 @@ class SegmentEncoder:
         if backend.encode_special_tokens:
             backend.encode_special_tokens = False
         split = self.splitter.split
-        pieces = [split(t) for t in texts]
-        unique = list(dict.fromkeys(p for ps in pieces for p in ps if p))
-        table = dict(zip(unique, (e.ids for e in backend.encode_batch_fast(unique, add_special_tokens=False))))
+        texts: list[str] = []
+        pieces: list[list[str]] = []
+        table: dict[str, list[int] | None] = {}
+        pending = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for chunk in chunks:
+                texts += chunk
+                split_chunk = [split(t) for t in chunk]
+                pieces += split_chunk
+                new = [p for p in dict.fromkeys(p for ps in split_chunk for p in ps if p) if p not in table]
+                if new:
+                    table.update(dict.fromkeys(new))
+                    pending.append((new, pool.submit(backend.encode_batch_fast, new, add_special_tokens=False)))
+            for new, future in pending:
+                table.update(zip(new, (e.ids for e in future.result())))
         out = []
         for ps in pieces:
             ids: list[int] = []

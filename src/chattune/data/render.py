@@ -18,13 +18,14 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from chattune.data.fastpath import SegmentEncoder, TemplateText
 from chattune.data.formats import Conversation
 from chattune.errors import TemplateError
 
 IGNORE = -100
+RENDER_CHUNK = 512  # conversations whose texts are tokenised together while the next ones render
 
 
 @dataclass
@@ -174,9 +175,9 @@ class ChatRenderer:
         return result
 
     def render_many(self, convs: Sequence[Conversation], *, train_on: str = "all_assistant") -> list[tuple[list[Sample], bool]]:
-        """Render many conversations: templates first, then one batched call of the fast tokenizer."""
-        with gc_paused():
-            return self.samples_from_texts(convs, self.texts_of(convs, train_on=train_on), train_on=train_on)
+        """Render many conversations: templates chunk by chunk, each chunk's text tokenised while the next renders."""
+        chunks = (self.texts_of(convs[k:k + RENDER_CHUNK], train_on=train_on) for k in range(0, len(convs), RENDER_CHUNK))
+        return self.samples_from_text_chunks(convs, chunks, train_on=train_on)
 
     def texts_of(self, convs: Sequence[Conversation], *, train_on: str = "all_assistant") -> list[str]:
         """(prompt, through-the-answer) texts of every supervised assistant turn, in order (no tokenizer call)."""
@@ -188,20 +189,31 @@ class ChatRenderer:
                 texts += (render(conv.messages[:i], generation_prompt=True), render(conv.messages[: i + 1], generation_prompt=False))
         return texts
 
-    def samples_from_texts(
-        self, convs: Sequence[Conversation], texts: Sequence[str], *, train_on: str = "all_assistant"
+    def samples_from_text_chunks(
+        self, convs: Sequence[Conversation], chunks: Iterable[list[str]], *, train_on: str = "all_assistant"
     ) -> list[tuple[list[Sample], bool]]:
-        """render_many's second half: tokenise texts_of(convs) in one batch and build the samples."""
-        ids = self.encode(texts)
-        for k in range(0, len(texts), 2):
-            ids[k + 1] = self._answer_after_prompt(texts[k], texts[k + 1], ids[k], ids[k + 1])
-        out, start = [], 0
-        for conv in convs:
-            n = len(self._supervised_turns(conv, train_on))
-            spans = [self._turn_span(ids[start + 2 * k], ids[start + 2 * k + 1], conv.where) for k in range(n)]
-            out.append(self._samples(conv, spans))
-            start += 2 * n
-        return out
+        """render_many's second half: tokenise texts_of(convs), given in consecutive chunks, and build the samples.
+
+        Chunks are tokenised as they arrive, so producing the next chunk overlaps tokenising this one.
+        """
+        texts: list[str] = []
+
+        def collected() -> Iterator[list[str]]:
+            for chunk in chunks:
+                texts.extend(chunk)
+                yield chunk
+
+        with gc_paused():
+            ids = self._encoder.encode_chunks(collected())
+            for k in range(0, len(texts), 2):
+                ids[k + 1] = self._answer_after_prompt(texts[k], texts[k + 1], ids[k], ids[k + 1])
+            out, start = [], 0
+            for conv in convs:
+                n = len(self._supervised_turns(conv, train_on))
+                spans = [self._turn_span(ids[start + 2 * k], ids[start + 2 * k + 1], conv.where) for k in range(n)]
+                out.append(self._samples(conv, spans))
+                start += 2 * n
+            return out
 
     @staticmethod
     def _supervised_turns(conv: Conversation, train_on: str) -> list[int]:
