@@ -69,3 +69,27 @@ def test_parallel_rendering_equals_serial(renderer, monkeypatch):
     ser, ser_stats = render_all(renderer, data, max_length=64)
     assert [(s.input_ids, s.labels) for s in par] == [(s.input_ids, s.labels) for s in ser]
     assert par_stats == ser_stats and par_stats.truncated == 1
+
+
+def test_parallel_rendering_equals_serial_with_uneven_chunks_and_many_turns(renderer, monkeypatch):
+    monkeypatch.setattr(cache, "PARALLEL_MIN", 2)
+    data = convs(10)
+    data[7] = Conversation([{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                            {"role": "assistant", "content": "d"}], "multi")
+    for workers in (3, 4):
+        for train_on in ("all_assistant", "last_assistant"):
+            par, par_stats = cache.render_parallel(renderer, data, workers=workers, max_length=64, train_on=train_on)
+            ser, ser_stats = render_all(renderer, data, max_length=64, train_on=train_on)
+            assert [(s.input_ids, s.labels, s.where) for s in par] == [(s.input_ids, s.labels, s.where) for s in ser]
+            assert par_stats == ser_stats
+
+
+def test_a_template_error_in_a_worker_reaches_the_caller(monkeypatch):
+    import jinja2
+
+    monkeypatch.setattr(cache, "PARALLEL_MIN", 2)
+    tok = load_tokenizer(qwen3_tokenizer_dir(), ModelConfig())
+    tok.chat_template = "{% if messages[-1]['content'] == 'answer 5' %}{{ raise_exception('bad row') }}{% endif %}x"
+    with pytest.raises(jinja2.exceptions.TemplateError, match="bad row"):
+        cache.render_parallel(ChatRenderer(tok), convs(8), workers=2, max_length=64)
