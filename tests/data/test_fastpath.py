@@ -226,3 +226,25 @@ def test_encode_chunks_keeps_order_across_chunks(qwen3_tok):
     chunks = [["<|im_start|>a", "b<|im_end|>"], [], ["<|im_start|>a", "c"], ["b<|im_end|>"]]
     flat = [t for c in chunks for t in c]
     assert SegmentEncoder(qwen3_tok).encode_chunks(iter(chunks)) == qwen3_tok(flat, add_special_tokens=False)["input_ids"]
+
+
+def test_a_messages_template_kwarg_fails_as_apply_chat_template_does(qwen3_tok):
+    fast = TemplateText(qwen3_tok, {"messages": []})
+    assert fast.compiled is None
+    assert outcome(lambda: fast(SINGLE, generation_prompt=False)) == outcome(
+        lambda: qwen3_tok.apply_chat_template(SINGLE, tokenize=False, messages=[]))
+
+
+def test_a_conversation_that_opens_with_the_assistant_fails_as_before(qwen3_tok):
+    conv = Conversation([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}], "x")
+    assert outcome(lambda: ChatRenderer(qwen3_tok).render(conv)) == outcome(lambda: slow_renderer(qwen3_tok).render(conv))
+
+
+def test_template_errors_surface_from_the_fast_path(qwen3_tok):
+    tok = qwen3()
+    tok.chat_template = "{% for m in messages %}{{ raise_exception('no ' + m['role']) }}{% endfor %}"
+    with pytest.raises(Exception, match="no user") as fast:
+        ChatRenderer(tok).text(SINGLE, generation_prompt=True)
+    with pytest.raises(Exception, match="no user") as slow:
+        tok.apply_chat_template(SINGLE, tokenize=False)
+    assert type(fast.value) is type(slow.value)

@@ -72,6 +72,10 @@ class TemplateText:
         if key != self._key:
             self._key = key
             self.compiled, self.variables = self._setup(self.tokenizer, key[0], {**special, **self.template_kwargs}, self.template_kwargs)
+            if self.compiled is not None:
+                # Template.render(**vars) builds dict(template globals, **vars) and renders it; here the
+                # globals and the variables that never change are merged once, not at every render.
+                self._base = {**dict(self.compiled.globals), "tools": None, "documents": None, **self.variables}
 
     @staticmethod
     def _setup(tokenizer: Any, template: Any, variables: dict[str, Any], template_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -81,7 +85,7 @@ class TemplateText:
         except ImportError:  # a transformers without these internals: always the public call
             return None, {}
         cls = type(tokenizer)
-        named = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+        named = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) | {"messages"}
         if (
             getattr(cls, "apply_chat_template", None) is not PreTrainedTokenizerBase.apply_chat_template
             or getattr(cls, "get_chat_template", None) is not PreTrainedTokenizerBase.get_chat_template
@@ -91,7 +95,10 @@ class TemplateText:
             return None, {}
         try:
             # apply_chat_template passes {**special_tokens_map, **kwargs}, rebuilt from plain JSON types.
-            return _compile_jinja_template(template), _plain_template_data(variables)
+            compiled = _compile_jinja_template(template)
+            if compiled.environment.is_async:
+                return None, {}
+            return compiled, _plain_template_data(variables)
         except Exception:  # noqa: BLE001 - anything unusual: the public call reports it properly
             return None, {}
 
@@ -102,19 +109,27 @@ class TemplateText:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["tokenizer"], state["template_kwargs"])
 
+    def fast_for(self, messages: Sequence[Any]) -> bool:
+        """True when render_plain gives apply_chat_template's text for these messages and any non-empty prefix of them."""
+        return self.compiled is not None and plain_messages(messages) and self.tokenizer.chat_template is self._key[0]
+
+    def render_plain(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """Template.render's work for messages that fast_for() accepted (non-empty)."""
+        # The sandbox is immutable, so the template cannot change the caller's dicts: no copy needed.
+        ctx = self.compiled.new_context({**self._base, "messages": messages, "add_generation_prompt": generation_prompt}, shared=True)
+        env = self.compiled.environment
+        try:
+            return env.concat(self.compiled.root_render_func(ctx))
+        except Exception:
+            env.handle_exception()  # re-raises, with the template's line in the traceback, as Template.render does
+
     def __call__(self, messages: Sequence[dict[str, str]], *, generation_prompt: bool) -> str:
         """Text of one render; call refresh() first when the tokenizer may have changed since the last batch."""
-        if self.compiled is None or not plain_messages(messages) or self.tokenizer.chat_template is not self._key[0]:
+        if not self.fast_for(messages):
             return self.tokenizer.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=generation_prompt, **self.template_kwargs
             )
-        return self.compiled.render(
-            messages=[dict(m) for m in messages],  # a fresh copy, as transformers gives the template
-            tools=None,
-            documents=None,
-            add_generation_prompt=generation_prompt,
-            **self.variables,
-        )
+        return self.render_plain(list(messages), generation_prompt)
 
 
 class SegmentEncoder:

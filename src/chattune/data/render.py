@@ -182,11 +182,18 @@ class ChatRenderer:
     def texts_of(self, convs: Sequence[Conversation], *, train_on: str = "all_assistant") -> list[str]:
         """(prompt, through-the-answer) texts of every supervised assistant turn, in order (no tokenizer call)."""
         texts: list[str] = []
-        render = self._template_text
-        render.refresh()
+        template = self._template_text
+        template.refresh()
         for conv in convs:
-            for i in self._supervised_turns(conv, train_on):
-                texts += (render(conv.messages[:i], generation_prompt=True), render(conv.messages[: i + 1], generation_prompt=False))
+            msgs = conv.messages
+            turns = self._supervised_turns(conv, train_on)
+            if turns and turns[0] > 0 and template.fast_for(msgs):  # checked once for every prefix
+                render = template.render_plain
+                for i in turns:
+                    texts += (render(msgs[:i], True), render(msgs[: i + 1], False))
+            else:
+                for i in turns:
+                    texts += (template(msgs[:i], generation_prompt=True), template(msgs[: i + 1], generation_prompt=False))
         return texts
 
     def samples_from_text_chunks(
