@@ -53,9 +53,9 @@ class SlowBPE:
     transformers 5 dropped the Python tokenizers, so `use_fast=False` now silently
     returns the fast one. The tokenize benchmark runs the real one (transformers 4's
     GPT2Tokenizer, see slow_tokenizer.py) and uses this only where transformers 4
-    cannot be installed: it gives the same ids but runs about 2.3x faster than the
-    real slow tokenizer (2.4 s vs 5.7 s on 3729 huanhuan rows), so ratios against it
-    are too small. Special tokens are split out first, as the slow tokenizers did.
+    cannot be installed: it gives the same ids but runs about twice as fast as the
+    real slow tokenizer (2.4 s vs 4.4-5.7 s on 3729 huanhuan rows), so ratios
+    against it are too small. Special tokens are split out first, as the slow tokenizers did.
     """
 
     # GPT-2's pre-tokenisation (ByteLevel with use_regex, as SmolLM2's tokenizer has).
