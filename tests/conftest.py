@@ -69,3 +69,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert not list(out.glob("*.bin")), "safetensors only"
     shutil.rmtree(out / ".cache", ignore_errors=True)
     return out
+
+
+TINY_RUN_SYSTEM = "You are a terse test bot."
+
+
+def train_tiny_run(tmp: Path, model_dir: Path) -> Path:
+    """4 LoRA steps of the tiny random model (fp32) on the alpaca fixture, with a system prompt and 2 probes."""
+    from chattune import cli
+
+    fixture = Path(__file__).parent / "fixtures" / "data" / "alpaca.json"
+    cfg = tmp / "c.yaml"
+    cfg.write_text(f"model:\n  name_or_path: {model_dir}\n  dtype: fp32\ndata:\n  train: {fixture}\n"
+                   f"  system: {TINY_RUN_SYSTEM}\n")
+    assert cli.main(["train", str(cfg), f"output_dir={tmp / 'run'}", "train.max_steps=4", "train.batch_size=2",
+                     "train.grad_accum=1", "train.learning_rate=2e-2", "tracking.probe_size=2",
+                     "tracking.probe_max_new_tokens=4", "tracking.backends=[none]"]) == 0
+    return tmp / "run"

@@ -53,6 +53,12 @@ def answer_once(session: Session, prompt: str, *, system: str | None, out: TextI
         from chattune.infer.compare import answer_both
 
         return answer_both(session, messages, out=out, **gen)
+    return stream_labelled(session, messages, "", out, **gen)
+
+
+def stream_labelled(session: Session, messages: list[dict[str, str]], label: str, out: TextIO, **gen) -> str:
+    """Write label + the streamed answer + newline; return the answer."""
+    out.write(label)
     parts = []
     for piece in stream_answer(session, messages, **gen):
         out.write(piece)

@@ -19,22 +19,10 @@ def base_model(model: Any) -> Iterator[None]:
         yield
 
 
-def stream_labelled(session: Any, messages: list[dict[str, str]], label: str, out: TextIO, **gen: Any) -> str:
-    """Write label + the streamed answer + newline; return the answer."""
-    from chattune.infer.chat import stream_answer
-
-    out.write(label)
-    parts = []
-    for piece in stream_answer(session, messages, **gen):
-        out.write(piece)
-        out.flush()
-        parts.append(piece)
-    out.write("\n")
-    return "".join(parts).strip()
-
-
 def answer_both(session: Any, messages: list[dict[str, str]], *, out: TextIO, **gen: Any) -> str:
     """Stream the tuned answer, then the base model's to the same messages; return the tuned one (it stays in the history)."""
+    from chattune.infer.chat import stream_labelled  # chat imports this module lazily: no import cycle
+
     tuned = stream_labelled(session, messages, LABELS[0], out, **gen)
     with base_model(session.model):
         stream_labelled(session, messages, LABELS[1], out, **gen)

@@ -48,9 +48,7 @@ def loss_curves_png(runs: Sequence[RunData], path: Path, *, title: str = "traini
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path)
+        _save(fig, path)
     finally:
         plt.close(fig)
     return path
@@ -74,9 +72,13 @@ def length_histogram_png(lengths: Sequence[int], max_length: int, path: Path, *,
         ax.set_title(f"{title}; max_length = {max_length}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path)
+        _save(fig, path)
     finally:
         plt.close(fig)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
