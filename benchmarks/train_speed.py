@@ -25,6 +25,7 @@ from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer, render_all
 from chattune.model.load import load_model, load_tokenizer
 from chattune.model.lora import apply_lora
+from chattune.model.packed_attention import use_packed_attention
 from chattune.model.sources import resolve_model_dir
 from chattune.train.loss import ChattuneTrainer
 
@@ -96,6 +97,7 @@ def chattune(model_dir, rows, steps: int, max_length: int, batch: int, accum: in
     model = load_model(model_dir, ModelConfig(), dtype=torch.bfloat16)
     model = apply_lora(model, LoraConfig(r=8, alpha=32, dropout=0.1, target_modules=TARGETS), gradient_checkpointing=False)
     model.config.use_cache = False
+    use_packed_attention(model)
     clock = StepClock()
     counted = []
     collate = make_collate(True, tok.pad_token_id)
@@ -116,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--samples", type=int, default=160, help="rows trained on by each side (16 per step)")
     ap.add_argument("--max-length", type=int, default=384)
-    ap.add_argument("--batch", type=int, default=4, help="chattune per-device batch (x grad_accum = 16)")
+    ap.add_argument("--batch", type=int, default=8, help="chattune per-device batch (x grad_accum = 16)")
     args = ap.parse_args()
     steps = math.ceil(args.samples / 16)
     rows, source = role_play_rows(args.samples)

@@ -67,3 +67,96 @@ def test_wrong_target_names_list_the_real_ones(tiny_model_dir):
     with pytest.raises(ConfigError) as info:
         apply_lora(tiny(tiny_model_dir), LoraConfig(target_modules=["c_attn", "w1"]), gradient_checkpointing=False)
     assert info.value.where == "lora.target_modules" and "q_proj" in info.value.fix
+
+
+def test_bf16_model_under_autocast_draws_one_mask_per_input(tiny_model_dir):
+    """bf16 base + fp32 adapters, as training runs: peft's cast must not hide the shared input."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = apply_lora(base, LoraConfig(r=4, dropout=0.5), gradient_checkpointing=False)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    model.train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = capture_lora_inputs(model, torch.randint(10, 1000, (1, 16)))
+    assert seen["q_proj"].dtype == torch.bfloat16, "no fp32 round trip before the adapter"
+    assert torch.equal(seen["q_proj"], seen["k_proj"]) and torch.equal(seen["q_proj"], seen["v_proj"])
+    assert torch.equal(seen["gate_proj"], seen["up_proj"])
+
+
+def test_keep_mask_rate_and_rescale():
+    from chattune.model.lora import keep_mask
+
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([1001, 257]), 0.1, torch.device("cpu"))
+    assert keep.shape == (1001, 257) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.9) < 0.003
+    assert scale * 0.9 == pytest.approx(1.0, abs=1e-4)
+    x = torch.ones(200_000)
+    out = x * keep_mask(x.shape, 0.3, x.device)[0] * keep_mask(x.shape, 0.3, x.device)[1]
+    assert out.mean().item() == pytest.approx(1.0, abs=0.01), "expectation preserved"
+    assert keep_mask(torch.Size([64]), 0.0, torch.device("cpu"))[0].all()
+
+
+def test_dropout_gradient_flows_through_kept_positions_only(tiny_model_dir):
+    from chattune.model.lora import SharedDropout
+
+    drop = SharedDropout(0.5, {}).train()
+    x = torch.randn(32, 16, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    y.sum().backward()
+    kept = y != 0
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 2.0, dtype=x.grad.dtype), atol=1e-3)
+    assert (x.grad[~kept] == 0).all()
+
+
+def _lora_pair(tiny_model_dir, dtype):
+    """The same adapters twice: peft's plain LoRA and ours (FusedScaleAdd, shared-mask dropout off for parity)."""
+    from peft import get_peft_model
+
+    from chattune.model.lora import FusedScaleAdd, to_lora_config
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = LoraConfig(r=4, alpha=16, dropout=0.0, shared_dropout=False)
+    torch.manual_seed(0)
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), to_lora_config(cfg))
+    torch.manual_seed(0)
+    ours = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), cfg, gradient_checkpointing=False)
+    for (name, p), (_, q) in zip(plain.named_parameters(), ours.named_parameters()):
+        if "lora_B" in name:  # B starts at zero; give both the same non-zero B so the update shows
+            torch.manual_seed(len(name))
+            p.data.normal_(0, 0.1)
+            q.data.copy_(p.data)
+    assert any(isinstance(v, FusedScaleAdd) for m in ours.modules() for v in getattr(m, "lora_variant", {}).values())
+    return plain, ours
+
+
+def test_fused_scale_add_equals_plain_lora_in_value_and_gradients(tiny_model_dir):
+    plain, ours = _lora_pair(tiny_model_dir, torch.float32)
+    ids = torch.randint(10, 1000, (2, 11))
+    for model in (plain, ours):
+        model.train()
+        model(input_ids=ids).logits.pow(2).mean().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_scale_add_under_autocast_and_after_merge(tiny_model_dir):
+    plain, ours = _lora_pair(tiny_model_dir, torch.bfloat16)
+    ids = torch.randint(10, 1000, (2, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain(input_ids=ids).logits.float(), ours(input_ids=ids).logits.float()
+    assert (a - b).abs().max() < 0.05 * a.abs().max(), "same sum, fewer bf16 roundings"
+    with torch.no_grad():
+        unmerged = ours(input_ids=ids).logits.float()  # outside autocast: peft's own mixed-dtype arithmetic
+        merged = ours.merge_and_unload()(input_ids=ids).logits.float()
+        reference = plain.merge_and_unload()(input_ids=ids).logits.float()
+    torch.testing.assert_close(merged, reference, atol=0, rtol=0)
+    assert (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()

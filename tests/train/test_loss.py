@@ -43,3 +43,24 @@ def test_loss_and_gradients_equal_the_full_computation(tiny_model_dir):
         n = sum(l != IGNORE for f in features(model.config.vocab_size) for l in f["labels"][1:])
         scaled, _ = supervised_loss(model, batch, 2 * n)
         torch.testing.assert_close(scaled, full.detach() / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_cross_entropy_equals_float32_cross_entropy(monkeypatch):
+    """bf16 logits: same loss and same logit gradients as F.cross_entropy(logits.float()), chunk edges included."""
+    import torch.nn.functional as F
+
+    from chattune.train import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 7)  # 30 rows: four full chunks and a partial one
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(30, 301, generator=g) * 4).bfloat16()
+    targets = torch.randint(0, 301, (30,), generator=g)
+    ours_in = logits.clone().requires_grad_(True)
+    ref_in = logits.clone().requires_grad_(True)
+    ours = loss_mod.chunked_cross_entropy(ours_in, targets)
+    ref = F.cross_entropy(ref_in.float(), targets, reduction="sum")
+    (ours * 0.5).backward()
+    (ref * 0.5).backward()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
+    assert ours_in.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, atol=0, rtol=0)

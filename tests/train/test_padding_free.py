@@ -55,3 +55,62 @@ def test_flattening_never_supervises_across_boundaries(tiny_model_dir):
     # The first token of every sample is unsupervised, so no sample learns to predict the next one's start.
     assert flat["labels"][0, 0] == IGNORE and flat["labels"][0, 5] == IGNORE
     assert flat["position_ids"][0].tolist() == list(range(5)) * 2
+
+
+def test_per_sample_attention_equals_per_sequence_logits_and_grads(tiny_model_dir):
+    """model/packed_attention.py: each sample attends alone; logits and input grads match unpacked runs."""
+    from chattune.model.packed_attention import NAME, use_packed_attention
+
+    model = load(tiny_model_dir, "sdpa")
+    assert use_packed_attention(model) and model.config._attn_implementation == NAME
+    feats = features([7, 12, 5, 9], model.config.vocab_size, seed=3)
+    flat = flat_collate()(feats)
+    assert flat["cu_seq_lens_q"].tolist() == [0, 7, 19, 24, 33]
+    emb = model.get_input_embeddings()
+    packed_in = emb(flat["input_ids"]).detach().requires_grad_(True)
+    packed = model(inputs_embeds=packed_in, position_ids=flat["position_ids"], cu_seq_lens_q=flat["cu_seq_lens_q"],
+                   cu_seq_lens_k=flat["cu_seq_lens_k"], max_length_q=flat["max_length_q"],
+                   max_length_k=flat["max_length_k"]).logits[0]
+    packed.pow(2).mean(-1).sum().backward()
+    start = 0
+    for f in feats:
+        n = len(f["input_ids"])
+        alone_in = emb(torch.tensor([f["input_ids"]])).detach().requires_grad_(True)
+        alone = model(inputs_embeds=alone_in).logits[0]
+        alone.pow(2).mean(-1).sum().backward()
+        torch.testing.assert_close(packed[start:start + n], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(packed_in.grad[0, start:start + n], alone_in.grad[0], atol=1e-5, rtol=1e-4)
+        start += n
+
+
+def test_per_sample_attention_calls_sdpa_once_per_sample_and_passes_generation_through(tiny_model_dir, monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from chattune.model.packed_attention import use_packed_attention
+
+    model = load(tiny_model_dir, "sdpa")
+    use_packed_attention(model)
+    lengths = []
+    real = sdpa.sdpa_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        lengths.append((q.shape[2], mask is None))
+        return real(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    flat = flat_collate()(features([6, 10], model.config.vocab_size))
+    with torch.no_grad():
+        model(**{k: v for k, v in flat.items() if k != "labels"})
+    layers = model.config.num_hidden_layers
+    assert lengths == [(6, True), (10, True)] * layers
+    lengths.clear()
+    model.config.use_cache = True
+    out = model.generate(torch.tensor([[11, 12, 13]]), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6 and lengths[0][0] == 3, "generation runs transformers' SDPA on the whole prompt"
+
+
+def test_packed_attention_keeps_other_kernels(tiny_model_dir):
+    from chattune.model.packed_attention import use_packed_attention
+
+    model = load(tiny_model_dir, "eager")
+    assert not use_packed_attention(model) and model.config._attn_implementation == "eager"

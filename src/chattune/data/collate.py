@@ -46,11 +46,12 @@ def flat_collate() -> Callable[[list[dict]], dict[str, Any]]:
 
     The model must run with use_cache=False: only then does transformers derive
     per-sequence attention blocks from position_ids on SDPA/eager, so samples
-    never attend to each other.
+    never attend to each other. The sample boundaries (cu_seq_lens_*) travel with
+    the batch: flash-attention and model/packed_attention.py attend per sample.
     """
     from transformers import DataCollatorWithFlattening
 
-    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE, return_flash_attn_kwargs=True)
 
 
 def make_collate(padding_free: bool, pad_id: int) -> Callable[[list[dict]], dict[str, Any]]:

@@ -21,6 +21,7 @@ from chattune.data.split import split_eval
 from chattune.errors import ConfigError, RunDirError
 from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora
+from chattune.model.packed_attention import use_packed_attention
 from chattune.model.safety import check_padding_free
 from chattune.model.placement import training_device_map
 from chattune.model.quant import describe_quantization, prepare_for_kbit_training
@@ -284,6 +285,8 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, s
 
     # Padding-free batches need use_cache=False for exact sequence boundaries; training never uses the cache.
     model.config.use_cache = False
+    if cfg.train.padding_free:
+        use_packed_attention(model)  # per-sample causal SDPA instead of one masked attention over the row
     counter = TokenCounter()
     trainer = ChattuneTrainer(
         model=model,
