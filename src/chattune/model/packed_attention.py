@@ -41,9 +41,10 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if bounds is None or query.shape[0] != 1 or not query.shape[2] == key.shape[2] == bounds[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                   is_causal=True, **kwargs)[0]
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: the backward of a slice zero-fills a whole-row gradient per sample, split's is one cat
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+    outs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in parts]
     return torch.cat(outs, dim=1), None  # [1, tokens, heads, head_dim], as sdpa_attention_forward returns
 
 
