@@ -119,6 +119,9 @@ class TrainConfig(_Section):
         "auto", description="recompute activations to save memory; auto = on for models over 1B parameters"
     )
     padding_free: bool = Field(True, description="flatten each batch without padding (exact sequence boundaries)")
+    sampling: Literal["random", "group_by_length"] = Field(
+        "random", description="sample order: random, or group_by_length (batches of similar lengths: little padding when padding_free=false)"
+    )
     seed: int = Field(42, description="random seed for data order and initialisation")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (default: every epoch)")
     nproc: int = Field(1, ge=1, description="processes on this machine (one per GPU); above 1 `chattune train` starts torchrun itself (same as --nproc)")

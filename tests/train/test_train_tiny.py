@@ -101,3 +101,29 @@ def test_chat_prompt_prints_only_the_answer(run, capsys):
 def test_chat_on_something_that_is_not_a_run(tmp_path, capsys):
     assert cli.main(["chat", str(tmp_path)]) == 2
     assert "not a chattune run directory" in capsys.readouterr().err
+
+
+def test_group_by_length_sampling_reaches_the_trainer(tmp_path):
+    """train.sampling=group_by_length: the Trainer's length-grouped sampler orders samples by length in mega-batches."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from chattune.config import TrainConfig
+    from chattune.data.collate import SampleDataset
+    from chattune.rundir import RunDir
+    from chattune.train.run import to_training_args
+
+    cfg = RunConfig.model_validate({"data": {"train": "x.json"}, "train": {"sampling": "group_by_length", "batch_size": 2}})
+    args = to_training_args(cfg, RunDir(tmp_path / "run"), torch.float32, has_eval=False)
+    assert args.train_sampling_strategy == "group_by_length"
+    assert TrainConfig().sampling == "random"
+
+    from transformers import Trainer
+
+    lengths = [3, 30, 5, 28, 4, 31, 6, 29]
+    data = SampleDataset([type("S", (), {"input_ids": [1] * n, "labels": [1] * n})() for n in lengths])
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=data, data_collator=lambda b: b)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    assert sorted(order) == list(range(8))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True), "one mega-batch: longest first, neighbours alike"

@@ -247,6 +247,7 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
+        train_sampling_strategy=t.sampling,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
