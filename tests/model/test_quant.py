@@ -149,3 +149,30 @@ def test_chat_loads_the_base_quantised_as_trained_and_answers(qlora_run, session
     layer = "Linear4bit" if mode == "4bit" else "Linear8bitLt"
     assert any(type(m).__name__ == layer for m in session.model.modules())
     assert any("lora_A" in n for n, _ in session.model.named_parameters()), "the adapter is on"
+
+
+def test_4bit_gradients_survive_an_eval_pass(tiny_model_dir):
+    """Probe answers (eval, no grad) before training must not switch 4-bit layers to a kernel without backward."""
+    pytest.importorskip("bitsandbytes")
+    from chattune.config import LoraConfig
+    from chattune.model.load import load_model
+    from chattune.model.lora import apply_lora
+
+    model = load_model(tiny_model_dir, ModelConfig(quantization="4bit"), dtype=torch.bfloat16)
+    model = quant.prepare_for_kbit_training(model, torch.bfloat16)
+    model = apply_lora(model, LoraConfig(r=4, dropout=0.0), gradient_checkpointing=False)
+    ids = torch.randint(10, 1000, (1, 12))
+    first = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj")).lora_B["default"]  # A x != 0, B = 0
+
+    def grad_of_first_adapter():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        return first.weight.grad.clone()
+
+    before = grad_of_first_adapter()
+    assert before.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # what the probes do
+    torch.testing.assert_close(grad_of_first_adapter(), before)

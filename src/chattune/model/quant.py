@@ -52,10 +52,27 @@ def is_quantized(model: Any) -> bool:
     return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
 
 
+def keep_4bit_layers_differentiable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers changed.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs once in eval mode without grad
+    (the probe answers before training) repacks its weights in place, and from then on
+    runs a kernel with no backward: gradients silently stop at every frozen 4-bit
+    layer. Training keeps the differentiable kernel for the whole run.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def prepare_for_kbit_training(model: Any, dtype: torch.dtype) -> Any:
     """Freeze a quantised model, upcasting its non-quantised layers to fp32 only when it computes in fp16."""
     if not is_quantized(model):
         return model
+    keep_4bit_layers_differentiable(model)
     if dtype == torch.float16:
         # fp16 layer norms and embeddings overflow and lose gradients: peft's recipe keeps them in fp32.
         # Gradient checkpointing is left to apply_lora (peft's default here would force it on).
