@@ -254,3 +254,27 @@ def test_resume_command_repeats_the_users_command_without_overwrite(monkeypatch,
     assert resume.resume_command(run_dir) == "chattune train configs/demo.yaml 'output_dir=runs/my run'"
     monkeypatch.setattr(sys, "argv", ["pytest"])
     assert resume.resume_command(run_dir) == f"chattune train {run_dir.config_file} --resume"
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_swanlab_tracking_still_saves_and_exits_130(tmp_path, tiny_model_dir):
+    """swanlab.init installs its own SIGINT handler; ours must stay in charge (save, hint, exit 130)."""
+    pytest.importorskip("swanlab")
+    run = tmp_path / "run"
+    argv = train_argv(write_config(tmp_path, tiny_model_dir), run, "tracking.backends=[swanlab]",
+                      "tracking.swanlab.mode=offline", f"tracking.swanlab.logdir={tmp_path / 'swanlog'}")
+    proc = subprocess.Popen([sys.executable, str(DRIVER), "slow", "0", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "resume with:" in err
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    stopped = train_rows(run)[-1]["step"]
+    assert sorted(p.name for p in (run / "predictions").iterdir()) == ["epoch_0.jsonl"], \
+        f"no answers for the epoch cut short at step {stopped}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,14 @@ class SwanlabTracker(Tracker):
         # interactive=False: never stop a training job at a login prompt.
         settings = sl.Settings(mode=MODES[self.mode], log_dir=self.logdir, interactive=False, **extra)
         # The API key stays with SwanLab (environment or its own login file): never in config or info.
+        # swanlab.init installs its own SIGINT handler, which closes the run on Ctrl-C before chattune has
+        # saved the adapter; ours (finish this step, save, then finish the run) stays in charge.
+        main_thread = threading.current_thread() is threading.main_thread()
+        ours = signal.getsignal(signal.SIGINT) if main_thread else None
         self.run = sl.init(reinit=True, project=self.project, name=self.experiment, config=info, settings=settings,
                            description=f"chattune run {self.run_dir.root}")
+        if main_thread and ours is not None:
+            signal.signal(signal.SIGINT, ours)
         if self.mode != "disabled":
             _record(self.run_dir, {"mode": self.mode, "logdir": str(self.logdir), "project": self.project,
                                    "experiment": self.run.name, "swanlab_run_dir": str(self.run.dir)})

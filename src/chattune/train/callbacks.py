@@ -169,5 +169,7 @@ class PredictionProbes(TrainerCallback):
             self.answer(model, epoch, state.global_step, write=state.is_world_process_zero)
 
     def on_epoch_end(self, args, state, control, model=None, **kw):
+        if control.should_training_stop and state.global_step < state.max_steps:
+            return  # interrupted mid-epoch (Ctrl-C): these weights are no epoch's, and the user is waiting
         if self.probes and (state.is_world_process_zero or self.every_process):
             self.answer(model, max(1, round(state.epoch or 0)), state.global_step, write=state.is_world_process_zero)
