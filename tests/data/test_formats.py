@@ -126,3 +126,11 @@ def test_unknown_layout_names_the_keys(tmp_path):
 def test_limit_stops_early():
     convs, _ = load_conversations([FIX / "alpaca.json", FIX / "messages.jsonl"], limit=3)
     assert len(convs) == 3
+
+
+def test_jsonl_error_points_at_the_column_where_the_line_breaks_off(tmp_path):
+    p = tmp_path / "cut.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    with pytest.raises(DataError) as info:
+        list(read_records(p))
+    assert info.value.where == f"{p}:2" and "(column 32)" in str(info.value), str(info.value)

@@ -36,6 +36,19 @@ def assert_same_adapter(run: Path, baseline: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def ctrl_c_after_two_steps(argv: list[str], run: Path) -> tuple[subprocess.Popen, str]:
+    """The child sleeps in every step; the parent presses Ctrl-C once two steps are logged. (process, stderr)"""
+    proc = subprocess.Popen([sys.executable, str(DRIVER), "slow", "0", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    return proc, proc.communicate(timeout=300)[1]
+
+
 def test_checkpoints_are_complete_and_only_the_last_n_are_kept(baseline):
     names = sorted(p.name for p in (baseline / "checkpoints").iterdir())
     assert names == ["checkpoint-6", "checkpoint-8"], "train.save_total_limit=2 keeps the last two"
@@ -109,17 +122,8 @@ def test_killed_before_the_first_checkpoint_starts_over_cleanly(tmp_path, tiny_m
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_adapter_and_says_how_to_resume(tmp_path, tiny_model_dir, baseline, capsys):
     argv = train_argv(write_config(tmp_path, tiny_model_dir), tmp_path / "run")
-    # The child sleeps in every step; the parent presses Ctrl-C once two steps are logged.
-    proc = subprocess.Popen([sys.executable, str(DRIVER), "slow", "0", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     run = tmp_path / "run"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=300)
+    proc, err = ctrl_c_after_two_steps(argv, run)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     stopped = train_rows(run)[-1]["step"]
@@ -263,15 +267,7 @@ def test_ctrl_c_with_swanlab_tracking_still_saves_and_exits_130(tmp_path, tiny_m
     run = tmp_path / "run"
     argv = train_argv(write_config(tmp_path, tiny_model_dir), run, "tracking.backends=[swanlab]",
                       "tracking.swanlab.mode=offline", f"tracking.swanlab.logdir={tmp_path / 'swanlog'}")
-    proc = subprocess.Popen([sys.executable, str(DRIVER), "slow", "0", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=300)
+    proc, err = ctrl_c_after_two_steps(argv, run)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "resume with:" in err
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

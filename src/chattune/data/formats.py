@@ -141,7 +141,7 @@ def _read_jsonl(path: Path, text: str) -> Iterator[Record]:
         if not line.strip():
             continue
         try:
-            yield Record(json.loads(line), f"{path}:{lineno}")
+            yield Record(json.loads(line.rstrip("\r\n")), f"{path}:{lineno}")
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"line is not valid JSON: {exc.msg} (column {exc.colno})",

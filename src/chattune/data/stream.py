@@ -54,7 +54,7 @@ def _jsonl(path: Path) -> Iterator[Record | BadRecord]:
                 continue
             seen_any = True
             try:
-                yield Record(json.loads(line), f"{path}:{lineno}")
+                yield Record(json.loads(line.rstrip("\r\n")), f"{path}:{lineno}")
             except json.JSONDecodeError as exc:
                 yield BadRecord(f"{path}:{lineno}", f"line is not valid JSON: {exc.msg} (column {exc.colno})")
     if not seen_any:
