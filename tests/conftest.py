@@ -83,6 +83,6 @@ def train_tiny_run(tmp: Path, model_dir: Path) -> Path:
     cfg.write_text(f"model:\n  name_or_path: {model_dir}\n  dtype: fp32\ndata:\n  train: {fixture}\n"
                    f"  system: {TINY_RUN_SYSTEM}\n")
     assert cli.main(["train", str(cfg), f"output_dir={tmp / 'run'}", "train.max_steps=4", "train.batch_size=2",
-                     "train.grad_accum=1", "train.learning_rate=2e-2", "tracking.probe_size=2",
+                     "train.grad_accum=1", "train.learning_rate=5e-3", "tracking.probe_size=2",
                      "tracking.probe_max_new_tokens=4", "tracking.backends=[none]"]) == 0
     return tmp / "run"
