@@ -1,5 +1,7 @@
 """Batched generation: left-padded batches, greedy by default, the run's template and stop tokens.
 
+Prompts are prefilled without padding where the model allows it (infer/prefill.py).
+
 Used by probes during training, evaluation, predict and the server alike, so
 every verb answers with the same rendering and stopping rules.
 """
@@ -12,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from chattune.data.render import ChatRenderer
+from chattune.infer.prefill import can_prefill_packed, prefill_packed
 
 
 @contextlib.contextmanager
@@ -54,8 +57,13 @@ def generate_batch(
     temperature: float = 1.0,
     top_p: float = 1.0,
     progress: Any = None,
+    packed_prefill: bool = True,
 ) -> list[str]:
-    """Answer every prompt (a list of messages); greedy unless do_sample. Order is preserved."""
+    """Answer every prompt (a list of messages); greedy unless do_sample. Order is preserved.
+
+    With packed_prefill (and a model that supports it, see infer/prefill.py) the prompts are prefilled
+    without padding; the padded prefill is the fallback and gives the same answers.
+    """
     tok = renderer.tokenizer
     encoded = [renderer.prompt_ids(p) for p in prompts]
     # Sorting by length keeps padding (wasted compute) low; answers go back in input order.
@@ -67,7 +75,12 @@ def generate_batch(
     with inference_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask = left_pad([encoded[i] for i in idx], tok.pad_token_id)
+            rows = [encoded[i] for i in idx]
+            ids, mask = left_pad(rows, tok.pad_token_id)
+            cache = {}
+            if packed_prefill and can_prefill_packed(model, rows, max_new_tokens):
+                # disable_compile: a static cache would otherwise make generate() compile on GPUs, per batch shape
+                cache = {"past_key_values": prefill_packed(model, rows, max_new_tokens), "disable_compile": True}
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -75,6 +88,7 @@ def generate_batch(
                 eos_token_id=eos,
                 pad_token_id=tok.pad_token_id,
                 use_cache=True,
+                **cache,
                 **sampling,
             )
             for row, i in enumerate(idx):
