@@ -114,3 +114,51 @@ def test_packed_attention_keeps_other_kernels(tiny_model_dir):
 
     model = load(tiny_model_dir, "eager")
     assert not use_packed_attention(model) and model.config._attn_implementation == "eager"
+
+
+def _logits_and_input_grads(model, flat):
+    emb = model.get_input_embeddings()
+    inputs = emb(flat["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=inputs, position_ids=flat["position_ids"], cu_seq_lens_q=flat["cu_seq_lens_q"],
+                   cu_seq_lens_k=flat["cu_seq_lens_k"], max_length_q=flat["max_length_q"],
+                   max_length_k=flat["max_length_k"]).logits
+    logits.pow(2).mean(-1).sum().backward()
+    return logits.detach(), inputs.grad
+
+
+def test_training_attention_on_cpu_is_two_matmuls_per_sample_with_sdpas_results(tiny_model_dir, monkeypatch):
+    """With gradients on a CPU, samples up to MATH_MAX_LEN skip the flash kernel (slow backward); same numbers."""
+    import chattune.model.packed_attention as pa
+
+    model = load(tiny_model_dir, "sdpa")
+    pa.use_packed_attention(model)
+    flat = flat_collate()(features([7, 30, 5], model.config.vocab_size, seed=4))
+    calls = []
+    real = pa.causal_matmul_attention
+    monkeypatch.setattr(pa, "causal_matmul_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    monkeypatch.setattr(pa, "MATH_MAX_LEN", 16)  # the 30-token sample takes the flash kernel
+    ours = _logits_and_input_grads(model, flat)
+    assert calls == [7, 5] * model.config.num_hidden_layers
+    monkeypatch.setattr(pa, "MATH_MAX_LEN", 0)
+    calls.clear()
+    flash = _logits_and_input_grads(model, flat)
+    assert not calls
+    for a, b in zip(ours, flash):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # no gradients (evaluation, generation): the flash kernel's forward is the faster one
+        model(**{k: v for k, v in flat.items() if k != "labels"})
+    assert not calls
+
+
+def test_matmul_attention_is_causal_attention_with_grouped_heads():
+    from chattune.model.packed_attention import causal_matmul_attention
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 4e-2)):
+        q, k, v = (torch.randn(1, h, 40, 16, generator=g).to(dtype).requires_grad_() for h in (6, 2, 2))
+        ours = causal_matmul_attention(q, k, v, 0.3)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(ours, ref.transpose(1, 2), atol=tol, rtol=tol)
+        grad = torch.randn(ours.shape, generator=g).to(dtype)
+        for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref.transpose(1, 2), (q, k, v), grad)):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
