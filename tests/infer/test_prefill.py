@@ -78,3 +78,24 @@ def test_models_the_packed_prefill_cannot_serve_fall_back(session):
         assert not can_prefill_packed(model, rows, 4)
     finally:
         config.layer_types = ["full_attention"] * len(config.layer_types)
+
+
+def test_decoding_steps_on_cpu_use_the_matmul_attention_with_sdpas_results(session, monkeypatch):
+    import chattune.model.packed_attention as pa
+
+    calls = []
+    real = pa.decode_matmul_attention
+    monkeypatch.setattr(pa, "decode_matmul_attention", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    prompts = _prompts(session.system)
+    generate_batch(session.model, session.renderer, prompts, max_new_tokens=5, batch_size=8)
+    assert calls and set(calls) == {8}, "every decoding step of the batch"
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 6, 1, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding
+    mask[2, ..., 7:] = False  # unused static-cache slots
+    ours = real(q, k, v, mask, 0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                           attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(ours, ref.transpose(1, 2), atol=1e-6, rtol=1e-5)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from chattune.data.render import ChatRenderer
-from chattune.infer.prefill import can_prefill_packed, prefill_packed
+from chattune.infer.prefill import can_prefill_packed, packed_attention, prefill_packed
 
 
 @contextlib.contextmanager
@@ -77,20 +77,20 @@ def generate_batch(
             idx = order[start:start + batch_size]
             rows = [encoded[i] for i in idx]
             ids, mask = left_pad(rows, tok.pad_token_id)
-            cache = {}
-            if packed_prefill and can_prefill_packed(model, rows, max_new_tokens):
+            packed = packed_prefill and can_prefill_packed(model, rows, max_new_tokens)
+            with packed_attention(model) if packed else contextlib.nullcontext():
                 # disable_compile: a static cache would otherwise make generate() compile on GPUs, per batch shape
-                cache = {"past_key_values": prefill_packed(model, rows, max_new_tokens), "disable_compile": True}
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=tok.pad_token_id,
-                use_cache=True,
-                **cache,
-                **sampling,
-            )
+                cache = {"past_key_values": prefill_packed(model, rows, max_new_tokens), "disable_compile": True} if packed else {}
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=tok.pad_token_id,
+                    use_cache=True,
+                    **cache,
+                    **sampling,
+                )
             for row, i in enumerate(idx):
                 answers[i] = tok.decode(out[row, ids.shape[1]:], skip_special_tokens=True).strip()
             if progress is not None:

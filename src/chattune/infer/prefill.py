@@ -10,6 +10,8 @@ preallocated `StaticCache`, exactly where a padded prefill would have put them,
 and `generate()` carries on from the last prompt token with the usual attention
 mask and position ids. The static cache also spares the decode loop the
 per-step copy of the whole cache that `DynamicCache` makes (torch.cat per layer).
+generate() runs under the same attention function, which on a CPU computes each
+decoding step's attention as two small matmuls (model/packed_attention.py).
 
 Only for models whose attention goes through transformers' attention interface
 (SDPA), with global attention in every layer; anything else (a model's own
@@ -51,8 +53,9 @@ def can_prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens
 
 
 @contextlib.contextmanager
-def _packed_attention(base: Any) -> Iterator[None]:
-    """Run `base` with the packed SDPA for the duration (it falls through to plain SDPA for unpacked calls)."""
+def packed_attention(model: Any) -> Iterator[None]:
+    """Run the model with `sdpa_packed` for the duration: packed prefill, and on a CPU the cheaper decode attention."""
+    base = _base(model)
     old = base.config._attn_implementation
     if old == PACKED:
         yield
@@ -81,7 +84,7 @@ def prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: in
     flat = torch.tensor([t for h in heads for t in h], dtype=torch.long, device=device)[None]
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
     cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
-    with _packed_attention(base):
+    with packed_attention(model):
         out = model(input_ids=flat, position_ids=positions, past_key_values=DynamicCache(config=base.config),
                     use_cache=True, logits_to_keep=1, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                     max_length_q=width, max_length_k=width)

@@ -74,10 +74,38 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 def _matmul_attention_fits(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
     """Training on a CPU, no attention dropout, no softcap or sliding window, equal head dims."""
     return (query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
-            and not (module.training and kwargs.get("dropout", 0.0))
-            and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
+            and not (module.training and kwargs.get("dropout", 0.0)) and _plain(query, key, kwargs))
+
+
+def _plain(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
+    return (kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
             and kwargs.get("position_bias") is None and query.shape[-1] == key.shape[-1]
             and query.shape[1] % key.shape[1] == 0)
+
+
+def _one_token_on_cpu(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """A decoding step on a CPU: one new token per row, no gradients, a boolean (or no) padding mask."""
+    return (query.shape[2] == 1 and query.device.type == "cpu" and not torch.is_grad_enabled()
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1))
+            and _plain(query, key, kwargs))
+
+
+def decode_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """One query token per row against the cache: [B, heads, 1, d] -> [B, 1, heads, d].
+
+    On a CPU the flash kernel spends more on its blocking than on the work here (a few hundred keys per
+    row); two matmuls over the key/value heads, with the query heads that share one stacked, cost about
+    half. mask: [B, 1, 1, keys], True where a key may be seen (left padding and unused cache slots are False).
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)).mul_(dim ** -0.5 if scaling is None else scaling)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).view(batch, 1, heads, dim)
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -89,6 +117,8 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     bounds = _boundaries(cu) if cu is not None else None
     for name in _BOUNDARY_KWARGS:
         kwargs.pop(name, None)
+    if bounds is None and _one_token_on_cpu(query, key, attention_mask, kwargs):
+        return decode_matmul_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     if bounds is None or query.shape[0] != 1 or not query.shape[2] == key.shape[2] == bounds[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
