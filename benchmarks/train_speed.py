@@ -6,7 +6,8 @@ Both sides: SmolLM2-135M-Instruct in bf16, LoRA r 8 / alpha 32 / dropout 0.1 on
 q/k/v/o/gate/up/down, lr 1e-4, 16 samples per optimizer step, max_length 384,
 the same rows of the role-play data in the same order, the same seed. Prints real
 (non-padding) tokens per second of both, their ratio, the padding fractions and
-both losses (mean over the second half of the steps).
+both losses (mean over the second half of the steps). Each side runs in a fresh
+process of its own, one after the other, so neither inherits the other's memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
 
 import torch
@@ -114,28 +117,50 @@ def tail_mean(losses: list[float]) -> float:
     return sum(half) / len(half)
 
 
+def run_side(side: str, args) -> dict:
+    """One side in this process: real and total tokens, seconds in steps, per-step losses."""
+    steps = math.ceil(args.samples / 16)
+    rows, source = role_play_rows(args.samples)
+    model_dir = resolve_model_dir("smollm2-135m")
+    if side == "reference":
+        real, total, clock = reference(model_dir, rows, steps, args.max_length)
+    else:
+        real, total, clock = chattune(model_dir, rows, steps, args.max_length, args.batch, 16 // args.batch)
+    return {"real": real, "total": total, "seconds": clock.seconds, "losses": clock.losses, "source": source,
+            "steps": steps}
+
+
+def in_subprocess(side: str, args) -> dict:
+    """Each side in a fresh process, as a user runs one or the other: neither inherits the other's heap."""
+    cmd = [sys.executable, __file__, "--only", side, "--samples", str(args.samples),
+           "--max-length", str(args.max_length), "--batch", str(args.batch)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--samples", type=int, default=160, help="rows trained on by each side (16 per step)")
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--batch", type=int, default=8, help="chattune per-device batch (x grad_accum = 16)")
+    ap.add_argument("--only", choices=["reference", "chattune"], help=argparse.SUPPRESS)  # one side, JSON on stdout
     args = ap.parse_args()
-    steps = math.ceil(args.samples / 16)
-    rows, source = role_play_rows(args.samples)
-    model_dir = resolve_model_dir("smollm2-135m")
-
-    ref_real, ref_total, ref_clock = reference(model_dir, rows, steps, args.max_length)
-    our_real, our_total, our_clock = chattune(model_dir, rows, steps, args.max_length, args.batch, 16 // args.batch)
-
-    ref_tps, our_tps = ref_real / ref_clock.seconds, our_real / our_clock.seconds
-    ref_loss, our_loss = tail_mean(ref_clock.losses), tail_mean(our_clock.losses)
-    print(f"# train_speed — {args.samples} rows of {source.rsplit('/', 1)[-1]}, {steps} optimizer steps x 16 samples; {machine()}")
-    print(f"tutorial recipe: {ref_tps:7.1f} real tokens/s  padding {1 - ref_real / ref_total:5.1%}  loss {ref_loss:.4f}  ({ref_clock.seconds:.0f}s)")
-    print(f"chattune:        {our_tps:7.1f} real tokens/s  padding {1 - our_real / our_total:5.1%}  loss {our_loss:.4f}  ({our_clock.seconds:.0f}s)")
+    if args.only:
+        print(json.dumps(run_side(args.only, args)))
+        return
+    ref, ours = in_subprocess("reference", args), in_subprocess("chattune", args)
+    ref_tps, our_tps = ref["real"] / ref["seconds"], ours["real"] / ours["seconds"]
+    ref_loss, our_loss = tail_mean(ref["losses"]), tail_mean(ours["losses"])
+    print(f"# train_speed — {args.samples} rows of {ref['source'].rsplit('/', 1)[-1]}, {ref['steps']} optimizer steps "
+          f"x 16 samples, each side in its own process; {machine()}")
+    print(f"tutorial recipe: {ref_tps:7.1f} real tokens/s  padding {1 - ref['real'] / ref['total']:5.1%}  "
+          f"loss {ref_loss:.4f}  ({ref['seconds']:.0f}s)")
+    print(f"chattune:        {our_tps:7.1f} real tokens/s  padding {1 - ours['real'] / ours['total']:5.1%}  "
+          f"loss {our_loss:.4f}  ({ours['seconds']:.0f}s)")
     print(f"speed ratio {our_tps / ref_tps:.2f}x   loss difference {abs(our_loss - ref_loss) / ref_loss:.2%}")
     print(json.dumps({"ref_tokens_per_s": ref_tps, "chattune_tokens_per_s": our_tps, "ratio": our_tps / ref_tps,
-                      "ref_loss": ref_loss, "chattune_loss": our_loss, "ref_losses": ref_clock.losses,
-                      "chattune_losses": our_clock.losses}))
+                      "ref_loss": ref_loss, "chattune_loss": our_loss, "ref_losses": ref["losses"],
+                      "chattune_losses": ours["losses"]}))
 
 
 if __name__ == "__main__":
