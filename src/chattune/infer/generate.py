@@ -62,7 +62,7 @@ def generate_batch(
     """Answer every prompt (a list of messages); greedy unless do_sample. Order is preserved.
 
     With packed_prefill (and a model that supports it, see infer/prefill.py) the prompts are prefilled
-    without padding; the padded prefill is the fallback and gives the same answers.
+    without padding; the padded prefill is the fallback (same answers in fp32, see docs/inference.md).
     """
     tok = renderer.tokenizer
     encoded = [renderer.prompt_ids(p) for p in prompts]
@@ -80,7 +80,8 @@ def generate_batch(
             packed = packed_prefill and can_prefill_packed(model, rows, max_new_tokens)
             with packed_attention(model) if packed else contextlib.nullcontext():
                 # disable_compile: a static cache would otherwise make generate() compile on GPUs, per batch shape
-                cache = {"past_key_values": prefill_packed(model, rows, max_new_tokens), "disable_compile": True} if packed else {}
+                cache = ({"past_key_values": prefill_packed(model, rows, max_new_tokens), "disable_compile": True}
+                         if packed else {})
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
