@@ -39,6 +39,9 @@ def _boundaries(cu: torch.Tensor) -> list[int]:
     return _last[1]
 
 
+_future: dict[torch.device, torch.Tensor] = {}
+
+
 def _upper(n: int, device: torch.device) -> torch.Tensor:
     """Boolean [n, n] mask of the future (True above the diagonal); one per device, sliced for shorter samples."""
     cached = _future.get(device)
@@ -48,7 +51,9 @@ def _upper(n: int, device: torch.device) -> torch.Tensor:
     return cached[:n, :n]
 
 
-_future: dict[torch.device, torch.Tensor] = {}
+def _softmax_fp32(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the keys in float32, probabilities back in the inputs' dtype (what eager attention does)."""
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
 
 
 def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -66,7 +71,7 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     scores = torch.baddbmm(q.new_empty(()).expand(kv_heads, group * length, length), q, key[0].transpose(1, 2),
                            beta=0.0, alpha=scale)  # scaling inside the matmul: one rounding, as SDPA's
     scores.view(kv_heads, group, length, length).masked_fill_(_upper(length, query.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = _softmax_fp32(scores, query.dtype)
     out = torch.bmm(probs, value[0])  # [kv_heads, group * T, d]
     return out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
 
@@ -104,13 +109,17 @@ def decode_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     scores = torch.matmul(q, key.transpose(-1, -2)).mul_(dim ** -0.5 if scaling is None else scaling)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = _softmax_fp32(scores, query.dtype)
     return torch.matmul(probs, value).view(batch, 1, heads, dim)
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention-interface function: per-sample causal SDPA when the batch is one packed row."""
+    """transformers attention-interface function.
+
+    A packed row: one causal attention per sample (matmuls when training on a CPU, else SDPA). A decoding
+    step on a CPU: decode_matmul_attention. Anything else: transformers' SDPA.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
