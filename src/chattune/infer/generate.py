@@ -14,7 +14,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from chattune.data.render import ChatRenderer
-from chattune.infer.prefill import can_prefill_packed, packed_attention, prefill_packed
+from chattune.infer.prefill import can_prefill_packed, prefill_packed
+from chattune.model.packed_attention import packed_attention
 
 
 @contextlib.contextmanager

@@ -20,21 +20,16 @@ code, sliding windows, eager attention) falls back to the padded prefill.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from chattune.model.packed_attention import NAME as PACKED, register
-
-
-def _base(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from chattune.model.packed_attention import NAME as PACKED, base_model, packed_attention
 
 
 def can_prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: int) -> bool:
     """True when the packed prefill gives this model what a padded prefill gives it."""
-    base = _base(model)
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
@@ -52,22 +47,6 @@ def can_prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens
     return bool(rows) and min(len(r) for r in rows) >= 2
 
 
-@contextlib.contextmanager
-def packed_attention(model: Any) -> Iterator[None]:
-    """Run the model with `sdpa_packed` for the duration: packed prefill, and on a CPU the cheaper decode attention."""
-    base = _base(model)
-    old = base.config._attn_implementation
-    if old == PACKED:
-        yield
-        return
-    register()
-    base.set_attn_implementation(PACKED)
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(old)
-
-
 def prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: int) -> Any:
     """A StaticCache holding every row's prompt but its last token, left-padded to the longest such prefix.
 
@@ -76,7 +55,7 @@ def prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: in
     """
     from transformers import DynamicCache, StaticCache
 
-    base = _base(model)
+    base = base_model(model)
     device = next(model.parameters()).device
     heads = [list(r[:-1]) for r in rows]
     lengths = [len(h) for h in heads]

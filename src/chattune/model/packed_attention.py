@@ -23,7 +23,8 @@ keeps for the backward grows with length², hence the limit.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -149,11 +150,32 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (or the model itself): where the attention setting lives."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def use_packed_attention(model: Any) -> bool:
     """Switch a model (or a peft wrapper of one) from sdpa to NAME; False when it runs another kernel."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if getattr(base.config, "_attn_implementation", None) != "sdpa":
         return False  # eager stays eager; flash_attention_2 takes cu_seq_lens natively
     register()
     base.set_attn_implementation(NAME)
     return True
+
+
+@contextlib.contextmanager
+def packed_attention(model: Any) -> Iterator[None]:
+    """Run the model with NAME for the duration, then give it back its previous attention implementation."""
+    base = base_model(model)
+    old = base.config._attn_implementation
+    if old == NAME:
+        yield
+        return
+    register()
+    base.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(old)
