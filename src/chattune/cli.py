@@ -24,13 +24,13 @@ def _train(args: argparse.Namespace) -> int | None:
 
     if distributed.needs_launch(cfg):  # several processes: torchrun starts this same command once per device
         return distributed.launch(cfg, args)
-    from chattune.train import run
+    from chattune.verbs import train
 
-    run.run(cfg, overwrite=args.overwrite, resume=args.resume, resume_force=args.resume_force)
+    train.run(cfg, overwrite=args.overwrite, resume=args.resume, resume_force=args.resume_force)
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from chattune.infer import chat
+    from chattune.verbs import chat
 
     chat.run(args.run_dir, prompt=args.prompt, system=args.system, compare_base=args.compare_base,
              max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
@@ -44,15 +44,15 @@ def _import_gguf(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from chattune.evaluate import run
+    from chattune.verbs import eval as eval_verb
 
-    run.run(args.run_dir, data=args.data, mcq=args.mcq, metrics=args.metrics, compare_base=args.compare_base,
+    eval_verb.run(args.run_dir, data=args.data, mcq=args.mcq, metrics=args.metrics, compare_base=args.compare_base,
             limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shots=args.shots,
             name=args.name)
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from chattune.infer import predict
+    from chattune.verbs import predict
 
     predict.run(args.run_dir, data=args.data, out=args.out, batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
@@ -60,28 +60,28 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from chattune.export import merge
+    from chattune.verbs import merge
 
     merge.run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from chattune.infer import serve
+    from chattune.verbs import serve
 
     serve.run(args.path, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATTUNE_API_KEY"),
               max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
 
 
 def _dashboard(args: argparse.Namespace) -> None:
-    from chattune.track import dashboard
+    from chattune.verbs import dashboard
 
     dashboard.run(args.path, port=args.port)
 
 
 def _data_convert(args: argparse.Namespace) -> None:
-    from chattune.data import convert
+    from chattune.verbs import data_convert
 
-    convert.run(args.input, args.output, to=args.to, instruction=args.instruction, mapping=args.map, system=args.system,
+    data_convert.run(args.input, args.output, to=args.to, instruction=args.instruction, mapping=args.map, system=args.system,
                 instruction_as=args.instruction_as, source_format=args.source_format, overwrite=args.overwrite)
 
 
@@ -89,22 +89,22 @@ def _data_check(args: argparse.Namespace) -> None:
     from chattune import config
 
     cfg = config.load(args.config, args.overrides)
-    from chattune.data import check
+    from chattune.verbs import data_check
 
-    check.run(cfg, preview=args.preview, out=args.out)
+    data_check.run(cfg, preview=args.preview, out=args.out)
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from chattune.train import sweep
+    from chattune.verbs import sweep
 
     sweep.run(args.config, args.overrides, grid=args.grid, overwrite=args.overwrite, in_process=args.in_process,
               dry_run=args.dry_run)
 
 
 def _report(args: argparse.Namespace) -> None:
-    from chattune.report import html
+    from chattune.verbs import report
 
-    html.run(args.run_dirs, out=args.out)
+    report.run(args.run_dirs, out=args.out)
 
 
 def _keys(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from chattune import cli
-from chattune.train import run
+from chattune.verbs import train as run
 
 
 class DumpLoraHash(TrainerCallback):

@@ -91,7 +91,7 @@ def test_merged_folder_answers_like_chat(merged, tiny_run, capsys):
 def test_serving_the_merged_folder_answers_like_the_run(merged, tiny_run):
     import openai
 
-    from chattune.infer.serve import load_engine, make_server
+    from chattune.verbs.serve import load_engine, make_server
 
     engine = load_engine(merged)
     assert engine.system == SYSTEM, "the training system prompt travels in chattune.json"

@@ -5,8 +5,8 @@ import io
 import torch
 
 from chattune import cli
-from chattune.infer import chat
-from chattune.infer.compare import LABELS
+from chattune.verbs import chat
+from chattune.infer.stream import LABELS
 from chattune.infer.generate import generate_batch
 from chattune.infer.session import load_session, with_system
 

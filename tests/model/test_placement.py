@@ -59,7 +59,7 @@ def test_inference_uses_model_device_map():
 
 
 def test_train_passes_the_training_placement_to_load_model(tmp_path, tiny_model_dir, monkeypatch):
-    from chattune.train import run as train_run
+    from chattune.verbs import train as train_run
 
     seen = {}
 

@@ -129,7 +129,7 @@ def test_qlora_model_info_counts_unpacked_weights_and_the_smaller_footprint(qlor
 
 @pytest.mark.slow
 def test_chat_loads_the_base_quantised_as_trained_and_answers(qlora_run, session_cache, monkeypatch, capsys):
-    from chattune.infer import chat
+    from chattune.verbs import chat
 
     mode, run = qlora_run
     monkeypatch.setenv("CHATTUNE_CACHE", str(session_cache))

@@ -107,9 +107,9 @@ def test_server_run_takes_the_key_from_the_environment(monkeypatch):
     import types
 
     seen = {}
-    fake = types.ModuleType("chattune.infer.serve")
+    fake = types.ModuleType("chattune.verbs.serve")
     fake.run = lambda path, **kw: seen.update(kw, path=path)
-    monkeypatch.setitem(__import__("sys").modules, "chattune.infer.serve", fake)
+    monkeypatch.setitem(__import__("sys").modules, "chattune.verbs.serve", fake)
     import chattune.infer
 
     monkeypatch.setattr(chattune.infer, "serve", fake, raising=False)
@@ -122,7 +122,7 @@ def test_server_run_takes_the_key_from_the_environment(monkeypatch):
 def test_the_server_itself_defaults_to_loopback():
     import inspect
 
-    serve = pytest.importorskip("chattune.infer.serve")
+    serve = pytest.importorskip("chattune.verbs.serve")
     for fn in (serve.run, serve.make_server):
         params = inspect.signature(fn).parameters
         assert params["host"].default == "127.0.0.1", fn.__name__

@@ -10,7 +10,7 @@ import yaml
 
 from chattune import cli, config
 from chattune.errors import ConfigError
-from chattune.train import sweep
+from chattune.verbs import sweep
 
 from .conftest import write_config
 

@@ -14,7 +14,8 @@ from chattune.config import validate
 from chattune.data.formats import Conversation
 from chattune.errors import ChattuneError, ConfigError, RunDirError
 from chattune.rundir import RunDir
-from chattune.track import dashboard, make_trackers
+from chattune.track import make_trackers
+from chattune.verbs import dashboard
 from chattune.track.base import Tracker, prediction_text, train_scalars
 
 SECRET = "sk-chattune-test-0123456789abcdef"
@@ -75,7 +76,7 @@ def test_prediction_text_holds_question_answer_and_ground_truth():
 
 
 def test_probes_come_from_eval_rows_when_there_are_some(tmp_path):
-    from chattune.train.run import split_probes
+    from chattune.verbs.train import split_probes
 
     conv = lambda i: Conversation([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], f"f:{i}")
     train, evals = [conv(i) for i in range(5)], [conv(i) for i in range(10, 13)]

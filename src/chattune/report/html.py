@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from chattune.report.compare import comparison_rows, fmt, shown_columns, varying_keys
+from chattune.report.table import comparison_rows, fmt, shown_columns, varying_keys
 from chattune.report.runs import RunData, load_runs
 from chattune.report.svg import PALETTE, Series, line_chart
 
@@ -55,16 +55,6 @@ svg .empty{font-size:12px;fill:#94a3b8}
 pre{background:#f1f5f9;padding:10px;border-radius:6px;overflow:auto;font-size:12px}
 .muted{color:#64748b}
 """
-
-
-def run(run_dirs: Sequence[str], *, out: str = "report.html") -> Path:
-    """Write the HTML report of one or more run directories (or folders holding runs) to `out`."""
-    runs = load_runs(run_dirs)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build(runs), encoding="utf-8")
-    print(f"wrote {path} ({len(runs)} run{'s' if len(runs) != 1 else ''}; self-contained, open it in any browser)")
-    return path
 
 
 def build(runs: Sequence[RunData]) -> str:

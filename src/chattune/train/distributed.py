@@ -356,7 +356,7 @@ def launch(cfg: RunConfig, args: Any) -> int:
     """Run this `chattune train` as train.nproc processes under torchrun; return its exit status."""
     check_supported(cfg)
     if not getattr(args, "overwrite", False):
-        from chattune.train.run import prepare_run_dir
+        from chattune.verbs.train import prepare_run_dir
 
         # A finished run is refused here, once, rather than by every process under torchrun's failure report.
         prepare_run_dir(cfg, overwrite=False, resume=getattr(args, "resume", False))

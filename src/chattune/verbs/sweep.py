@@ -270,7 +270,7 @@ def train_command(config_path: str, overrides: Sequence[str], *, overwrite: bool
 
 def train_in_process(cfg: Any, *, overwrite: bool) -> None:
     """One run in this process; memory is handed back before the next one."""
-    from chattune.train import run as train_run
+    from chattune.verbs import train as train_run
 
     try:
         train_run.run(cfg, overwrite=overwrite)
@@ -346,7 +346,7 @@ def write_comparison(root: Path, points: Sequence[Point], axes: dict[str, list[A
                      *, title: str) -> None:
     """comparison.md, comparison.csv, loss_curves.png and report.html in the sweep's output_dir."""
     from chattune.report import html
-    from chattune.report.compare import comparison_rows, to_markdown, write_csv
+    from chattune.report.table import comparison_rows, to_markdown, write_csv
     from chattune.report.runs import RunData, load_run
 
     if not root.is_dir():
@@ -407,7 +407,7 @@ def show_table(rows: Sequence[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from chattune.report.compare import fmt, shown_columns
+    from chattune.report.table import fmt, shown_columns
 
     cols = shown_columns(rows)
     if not cols:

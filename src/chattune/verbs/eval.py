@@ -21,7 +21,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 from chattune.config import RunConfig
 from chattune.errors import ConfigError, DataError
-from chattune.evaluate import generate as gen
+from chattune.evaluate import answers as gen
 from chattune.evaluate import mcq as mc
 from chattune.evaluate.metrics import KEYS, check_installed, parse_metrics
 from chattune.rundir import RunDir, write_json

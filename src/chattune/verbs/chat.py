@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import sys
-import threading
-from typing import Iterator, TextIO
+from typing import TextIO
 
 import torch
 
-from chattune.infer.generate import inference_mode, left_pad
 from chattune.infer.session import Session, load_session, with_system
+from chattune.infer.stream import answer_both, stream_answer, stream_labelled
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits"
-
-
-def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_tokens: int = 512,
-                  do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
-    """Yield the answer's text piece by piece as it is generated; stops at an end-of-turn token."""
-    from transformers import TextIteratorStreamer
-
-    tok = session.renderer.tokenizer
-    ids, mask = left_pad([session.renderer.prompt_ids(messages)], tok.pad_token_id)
-    device = next(session.model.parameters()).device
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            with inference_mode(session.model):
-                session.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
-                                       max_new_tokens=max_new_tokens, eos_token_id=session.renderer.end_of_turn_ids(),
-                                       pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
-        except BaseException as exc:  # surfaced in the caller's thread below
-            errors.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if errors:
-        raise errors[0]
 
 
 def answer_once(session: Session, prompt: str, *, system: str | None, out: TextIO | None = None,
@@ -50,22 +19,8 @@ def answer_once(session: Session, prompt: str, *, system: str | None, out: TextI
     out = out or sys.stdout  # looked up per call: a default bound at import time would ignore later redirection
     messages = with_system([{"role": "user", "content": prompt}], system)
     if compare_base:
-        from chattune.infer.compare import answer_both
-
         return answer_both(session, messages, out=out, **gen)
     return stream_labelled(session, messages, "", out, **gen)
-
-
-def stream_labelled(session: Session, messages: list[dict[str, str]], label: str, out: TextIO, **gen) -> str:
-    """Write label + the streamed answer + newline; return the answer."""
-    out.write(label)
-    parts = []
-    for piece in stream_answer(session, messages, **gen):
-        out.write(piece)
-        out.flush()
-        parts.append(piece)
-    out.write("\n")
-    return "".join(parts).strip()
 
 
 def repl(session: Session, *, system: str | None, inp: TextIO | None = None, out: TextIO | None = None,
@@ -100,8 +55,6 @@ def repl(session: Session, *, system: str | None, inp: TextIO | None = None, out
             continue
         history.append({"role": "user", "content": line})
         if compare_base:  # the tuned answer stays in the history; the base answers the same history
-            from chattune.infer.compare import answer_both
-
             reply = answer_both(session, with_system(history, system), out=out, **gen)
             history.append({"role": "assistant", "content": reply})
             continue

@@ -1,0 +1,74 @@
+"""Streaming answers for `chattune chat`: one model's answer piece by piece, or the tuned and the base
+model's answers to the same conversation (`--compare-base`).
+
+The base answer comes from the same loaded model with its adapter switched off
+(peft's disable_adapter), so nothing is loaded twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, TextIO
+
+from chattune.infer.generate import inference_mode, left_pad
+from chattune.infer.session import Session
+
+LABELS = ("tuned> ", "base>  ")
+
+
+def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_tokens: int = 512,
+                  do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated; stops at an end-of-turn token."""
+    from transformers import TextIteratorStreamer
+
+    tok = session.renderer.tokenizer
+    ids, mask = left_pad([session.renderer.prompt_ids(messages)], tok.pad_token_id)
+    device = next(session.model.parameters()).device
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with inference_mode(session.model):
+                session.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
+                                       max_new_tokens=max_new_tokens, eos_token_id=session.renderer.end_of_turn_ids(),
+                                       pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+        except BaseException as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def stream_labelled(session: Session, messages: list[dict[str, str]], label: str, out: TextIO, **gen) -> str:
+    """Write label + the streamed answer + newline; return the answer."""
+    out.write(label)
+    parts = []
+    for piece in stream_answer(session, messages, **gen):
+        out.write(piece)
+        out.flush()
+        parts.append(piece)
+    out.write("\n")
+    return "".join(parts).strip()
+
+
+@contextlib.contextmanager
+def base_model(model: Any) -> Iterator[None]:
+    """Inside this block the model answers as its base (LoRA layers bypassed)."""
+    with model.disable_adapter():
+        yield
+
+
+def answer_both(session: Any, messages: list[dict[str, str]], *, out: TextIO, **gen: Any) -> str:
+    """Stream the tuned answer, then the base model's to the same messages; return the tuned one (it stays in the history)."""
+    tuned = stream_labelled(session, messages, LABELS[0], out, **gen)
+    with base_model(session.model):
+        stream_labelled(session, messages, LABELS[1], out, **gen)
+    return tuned
