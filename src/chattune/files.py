@@ -1,0 +1,147 @@
+"""Writing files so that a crash never leaves half of one: the single atomic writer every verb uses.
+
+A file (or folder) is written under a temporary name in the same folder, flushed to disk, given the
+permissions an ordinary `open()` would have given it (the umask, not mkstemp's private 0600), and only
+then renamed to its real name. A reader sees the old file or the new one, never a mix. Also here: JSON
+and JSON-lines helpers built on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+# Read once at import (changing the umask to read it is not thread-safe; imports happen before threads start).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk, where the filesystem allows it."""
+    try:
+        fsync_file(path)
+    except OSError:  # not every filesystem lets a folder be fsynced
+        pass
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under a folder."""
+    for p in path.rglob("*"):
+        if p.is_file():
+            fsync_file(p)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block succeeds it is flushed and renamed to `path`.
+
+    When the block raises, the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """open() for writing that publishes the file only when the block succeeds ('w' is UTF-8 text, 'wb' bytes)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a binary file atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON (UTF-8, indented) atomically."""
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Any) -> None:
+    """Write JSON lines atomically (the whole file at once)."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and flush it, so a crash loses at most the line being written."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a JSON-lines file (empty list when missing)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `dest`; when the block succeeds it replaces `dest` whole.
+
+    Files are flushed and given ordinary permissions first; an existing `dest` is removed only after the
+    new folder is in place. When the block raises, `dest` is untouched and the temporary folder removed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        _ordinary_permissions(tmp)
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    # mkdtemp and mkstemp make private entries (0700/0600); a run's files should be readable as usual.
+    os.chmod(folder, DIR_MODE)
+    for p in folder.rglob("*"):
+        os.chmod(p, DIR_MODE if p.is_dir() else FILE_MODE)
