@@ -14,12 +14,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from chattune import config as config_mod
 from chattune.errors import RunDirError
@@ -90,25 +86,3 @@ class RunDir:
                 fix="finish `chattune train` for this run first",
             )
 
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and flush it, so a crash loses at most the line being written."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All rows of a JSON-lines file (empty list when missing)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -12,7 +12,7 @@ import pytest
 from chattune import cli, config
 from chattune.report import html as report_html
 from chattune.report.runs import load_run, load_runs
-from chattune.rundir import write_json
+from chattune.files import write_json
 
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 

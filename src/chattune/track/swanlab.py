@@ -11,7 +11,8 @@ from typing import Any
 
 from chattune.config import RunConfig
 from chattune.errors import ConfigError
-from chattune.rundir import RunDir, write_json
+from chattune.files import write_json
+from chattune.rundir import RunDir
 from chattune.track.base import PREDICTION_KEY, Tracker, prediction_caption, prediction_text, project_and_experiment
 
 # Our mode names -> swanlab's ("cloud" is what the SwanLab docs call it; the SDK says "online").

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer
 from chattune.infer.generate import generate_batch
-from chattune.rundir import append_jsonl
+from chattune.files import append_jsonl
 from chattune.train.distributed import process_count, sum_over_processes
 from chattune.train.resume import atomic_write_text
 from chattune.train.throughput import gpu_stats

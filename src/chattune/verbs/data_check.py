@@ -21,7 +21,7 @@ from chattune.data.formats import Conversation, detect_format, to_conversation
 from chattune.data.render import IGNORE, ChatRenderer, RenderStats, Sample, render_all
 from chattune.data.stream import BadRecord, iter_records
 from chattune.errors import DataError
-from chattune.rundir import write_json
+from chattune.files import write_json
 
 log = logging.getLogger("chattune")
 

@@ -24,7 +24,8 @@ from chattune.errors import ConfigError, DataError
 from chattune.evaluate import answers as gen
 from chattune.evaluate import mcq as mc
 from chattune.evaluate.metrics import KEYS, check_installed, parse_metrics
-from chattune.rundir import RunDir, write_json
+from chattune.files import write_json
+from chattune.rundir import RunDir
 
 log = logging.getLogger("chattune")
 

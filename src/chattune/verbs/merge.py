@@ -157,7 +157,7 @@ def run_renderer(rd: Any, cfg: Any) -> Any:
 def check_samples(rd: Any, renderer: Any, system: str | None, limit: int = 3) -> list[list[int]]:
     """A few rendered conversations to compare logits on: the run's probe questions with their reference answers."""
     from chattune.infer.session import with_system
-    from chattune.rundir import read_jsonl
+    from chattune.files import read_jsonl
 
     probes = read_jsonl(rd.predictions / "epoch_0.jsonl") if (rd.predictions / "epoch_0.jsonl").is_file() else []
     pairs = [(p["question"], p.get("reference") or p.get("answer") or "OK.") for p in probes if p.get("question")]

@@ -36,7 +36,8 @@ import yaml
 
 from chattune import config as config_mod
 from chattune.errors import ChattuneError, ConfigError
-from chattune.rundir import RunDir, write_json
+from chattune.files import write_json
+from chattune.rundir import RunDir
 
 log = logging.getLogger("chattune")
 

@@ -26,7 +26,8 @@ from chattune.model.safety import check_padding_free
 from chattune.model.placement import training_device_map
 from chattune.model.quant import describe_quantization, prepare_for_kbit_training
 from chattune.model.sources import cache_root, resolve_model_dir
-from chattune.rundir import RunDir, read_jsonl, write_json
+from chattune.files import read_jsonl, write_json
+from chattune.rundir import RunDir
 from chattune.track import make_trackers
 from chattune.track.base import TrackingCallback, run_info
 from chattune.train import distributed as dist
