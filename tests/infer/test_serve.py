@@ -1,20 +1,23 @@
-"""`chattune serve` talked to with the official openai client, on a free loopback port."""
+"""`chattune serve` talked to with the official openai client, on a loopback port the server picks itself;
+its request checks on their own, without a model."""
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import openai
 import pytest
 
 from chattune.infer.generate import generate_batch
 from chattune.infer.session import load_session, with_system
+from chattune.serve.api import ApiError, Limits, build_completion
 
 from .conftest import SYSTEM
 
@@ -23,38 +26,30 @@ LIMIT_TOKENS = 32
 LIMIT_BODY = 20_000
 START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 120
+SERVING = re.compile(r"serving \S+ on (http://[^\s/]+)/v1 ")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _wait_for_url(proc: subprocess.Popen, log) -> str:
+    """The base URL the server prints once it listens: it bound port 0, so the port is its own and nobody else's."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (found := SERVING.search(log.read_text())):
+        assert proc.poll() is None, f"server exited: {log.read_text()}"
+        assert time.monotonic() < deadline, f"server did not start in {START_TIMEOUT_S}s: {log.read_text()}"
+        time.sleep(0.2)
+    return found.group(1)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    """`chattune serve RUN` in a subprocess; yields its base URL; stopped at the end."""
-    port = _free_port()
+    """`chattune serve RUN --port 0` in a subprocess; yields the base URL it reports; stopped at the end."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with log.open("w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chattune.cli", "serve", str(tiny_run), "--port", str(port), "--api-key", KEY,
+            [sys.executable, "-m", "chattune.cli", "serve", str(tiny_run), "--port", "0", "--api-key", KEY,
              "--max-tokens-limit", str(LIMIT_TOKENS), "--max-body-bytes", str(LIMIT_BODY)],
             stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "CHATTUNE_API_KEY": ""})
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"server exited: {log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"server did not start in {START_TIMEOUT_S}s: {log.read_text()}"
-            time.sleep(0.5)
-        yield url
+        yield _wait_for_url(proc, log)
     finally:
         proc.terminate()
         try:
@@ -138,3 +133,69 @@ def test_eight_concurrent_requests_are_all_answered(client, expected):
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda q: _ask(client, q, max_tokens=6).choices[0].message.content, questions))
     assert answers == [expected(q, 6) for q in questions]
+
+
+# The request checks alone (chattune.serve.api): a stand-in engine whose prompt is one token per character.
+
+
+class _Renderer:
+    def prompt_ids(self, messages):
+        self.messages = messages
+        return [1] * sum(len(m["content"]) for m in messages)
+
+
+def _check(*, max_positions=100, **body):
+    engine = SimpleNamespace(renderer=_Renderer(), system="Be brief.", max_positions=max_positions)
+    body = {"messages": [{"role": "user", "content": "hi"}], **body}
+    completion, stream, options = build_completion(body, engine, Limits(max_tokens=LIMIT_TOKENS, max_body_bytes=LIMIT_BODY))
+    return completion, stream, options, engine.renderer.messages
+
+
+def test_a_request_becomes_a_greedy_completion_with_the_training_system_prompt():
+    completion, stream, options, messages = _check()
+    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert (completion.max_tokens, completion.temperature, completion.top_p, completion.stop, completion.seed) == (
+        LIMIT_TOKENS, 0.0, 1.0, [], None), "max_tokens defaults to chat's 512, capped by the limit"
+    assert completion.prompt_ids == [1] * len("Be brief.hi") and stream is False and options == {}
+    completion, stream, options, messages = _check(
+        messages=[{"role": "developer", "content": "Terse."}, {"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        max_completion_tokens=7, max_tokens=99, temperature=0.5, stop="\n", seed=3, stream=True,
+        stream_options={"include_usage": True})
+    assert messages == [{"role": "system", "content": "Terse."}, {"role": "user", "content": "ab"}]
+    assert completion.max_tokens == 7, "max_completion_tokens wins over max_tokens"
+    assert (completion.temperature, completion.stop, completion.seed, stream, options) == (
+        0.5, ["\n"], 3, True, {"include_usage": True})
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"max_tokens": LIMIT_TOKENS + 1}, "max_tokens", "max_tokens_too_large"),
+    ({"max_completion_tokens": LIMIT_TOKENS + 1}, "max_completion_tokens", "max_tokens_too_large"),
+    ({"max_tokens": 1.5}, "max_tokens", None),
+    ({"max_tokens": True}, "max_tokens", None),
+    ({"max_tokens": 0}, "max_tokens", None),
+    ({"n": 2}, "n", None),
+    ({"temperature": 2.5}, "temperature", None),
+    ({"top_p": -0.1}, "top_p", None),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+    ({"stop": [""]}, "stop", None),
+    ({"stream": "yes"}, "stream", None),
+    ({"messages": []}, "messages", None),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", None),
+    ({"messages": [{"role": "assistant", "content": "no user turn"}]}, "messages", None),
+    ({"messages": [{"role": "user", "content": "x" * 90}], "max_tokens": 20}, "messages", "context_length_exceeded"),
+])
+def test_bad_requests_are_400_naming_the_parameter(body, param, code):
+    with pytest.raises(ApiError) as exc:
+        _check(**body)
+    err = exc.value.body()["error"]
+    assert exc.value.status == 400 and err["type"] == "invalid_request_error"
+    assert (err["param"], err["code"]) == (param, code), err["message"]
+
+
+def test_a_body_that_is_not_an_object_is_400():
+    with pytest.raises(ApiError) as exc:
+        build_completion(["hi"], SimpleNamespace(), Limits(max_tokens=1, max_body_bytes=1))
+    assert exc.value.status == 400 and "JSON object" in exc.value.message
