@@ -147,7 +147,8 @@ class _Renderer:
 def _check(*, max_positions=100, **body):
     engine = SimpleNamespace(renderer=_Renderer(), system="Be brief.", max_positions=max_positions)
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
-    completion, stream, options = build_completion(body, engine, Limits(max_tokens=LIMIT_TOKENS, max_body_bytes=LIMIT_BODY))
+    limits = Limits(max_tokens=LIMIT_TOKENS, max_body_bytes=LIMIT_BODY)
+    completion, stream, options = build_completion(body, engine, limits)
     return completion, stream, options, engine.renderer.messages
 
 
@@ -182,7 +183,8 @@ def test_a_request_becomes_a_greedy_completion_with_the_training_system_prompt()
     ({"stream": "yes"}, "stream", None),
     ({"messages": []}, "messages", None),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content", None),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", None),
     ({"messages": [{"role": "assistant", "content": "no user turn"}]}, "messages", None),
     ({"messages": [{"role": "user", "content": "x" * 90}], "max_tokens": 20}, "messages", "context_length_exceeded"),

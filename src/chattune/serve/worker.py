@@ -20,7 +20,10 @@ QUEUE_SIZE = 64  # completions waiting for the model; one more is answered 503 (
 
 @dataclass
 class Completion:
-    """One chat completion on its way through the worker; events carry ('delta', text), ('done', info) or ('error', msg)."""
+    """One chat completion on its way through the worker.
+
+    Its events carry ('delta', text), ('done', info) or ('error', message).
+    """
 
     prompt_ids: list[int]
     max_tokens: int
