@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.errors import ChattuneError, MissingDependencyError, ModelError, extra_pip
-from chattune.files import atomic_dir
+from chattune.files import atomic_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         _write_hf_folder(gguf_file, tmp)
         stat = gguf_file.stat()
         marker = {"gguf": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": _SAVE_DTYPE}
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")  # inside the folder atomic_dir publishes
+        write_text(tmp / MARKER, json.dumps(marker) + "\n")
     return out_dir
 
 
