@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chattune.errors import ConfigError
+from chattune.files import write_text
 
 
 class _Section(BaseModel):
@@ -309,7 +310,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
 
 def dump(cfg: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (the run directory's run_config.yaml)."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
 
 
 def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = ""):

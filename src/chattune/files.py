@@ -16,11 +16,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-# Read once at import (changing the umask to read it is not thread-safe; imports happen before threads start).
+# The umask at import: the fallback where the kernel does not show it (reading it with os.umask means changing
+# it for a moment, which is not thread-safe; imports happen before threads start).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
-DIR_MODE = 0o777 & ~_UMASK
+
+
+def umask() -> int:
+    """The process's umask now, read without changing it (Linux's /proc/self/status; else the one at import)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK
+
+
+def file_mode() -> int:
+    """The permissions open() would give a new file now (0o644 under the usual umask 022)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The permissions mkdir() would give a new folder now (0o755 under the usual umask 022)."""
+    return 0o777 & ~umask()
 
 
 def fsync_file(path: Path) -> None:
@@ -61,7 +82,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -128,20 +149,32 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         _ordinary_permissions(tmp)
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _swap(new: Path, dest: Path) -> None:
+    """Put folder `new` in place of `dest`; if that fails, the old `dest` goes back under its name."""
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old / dest.name, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _ordinary_permissions(folder: Path) -> None:
     # mkdtemp and mkstemp make private entries (0700/0600); a run's files should be readable as usual.
-    os.chmod(folder, DIR_MODE)
+    files, dirs = file_mode(), dir_mode()
+    os.chmod(folder, dirs)
     for p in folder.rglob("*"):
-        os.chmod(p, DIR_MODE if p.is_dir() else FILE_MODE)
+        os.chmod(p, dirs if p.is_dir() else files)

@@ -13,7 +13,7 @@ import torch
 from chattune import cli
 from chattune import config as config_mod
 from chattune.config import ModelConfig
-from chattune.errors import ModelError
+from chattune.errors import MissingDependencyError, ModelError
 from chattune.model.load import load_model, load_tokenizer
 from chattune.model.placement import (
     check_attn_implementation,
@@ -104,7 +104,7 @@ def test_sdpa_and_eager_pass():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
 def test_unavailable_flash_attention_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
-    with pytest.raises(ModelError) as info:
+    with pytest.raises(MissingDependencyError) as info:
         check_attn_implementation("flash_attention_2")
     assert info.value.where == "model.attn_implementation"
     assert "flash-attn package is not installed" in info.value.what and "sdpa" in info.value.fix
@@ -124,7 +124,7 @@ def test_flash_attention_error_comes_before_loading(tiny_model_dir, monkeypatch)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
     monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
-    with pytest.raises(ModelError, match="flash_attention_2 is unavailable"):
+    with pytest.raises((ModelError, MissingDependencyError), match="flash_attention_2 is unavailable"):
         load_model(tiny_model_dir, ModelConfig(attn_implementation="flash_attention_2"), dtype=torch.float32)
 
 

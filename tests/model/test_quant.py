@@ -10,7 +10,7 @@ import torch
 
 from chattune import cli
 from chattune.config import ModelConfig
-from chattune.errors import ConfigError
+from chattune.errors import MissingDependencyError
 from chattune.model import quant
 from chattune.model.quant import describe_quantization, parameter_count, to_bnb_config
 
@@ -44,7 +44,7 @@ def test_4bit_explicit_choices():
 @pytest.mark.parametrize("mode", ["8bit", "4bit"])
 def test_missing_bitsandbytes_says_which_extra_to_install(monkeypatch, mode):
     monkeypatch.setattr(quant, "bitsandbytes_available", lambda: False)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(MissingDependencyError) as info:
         to_bnb_config(ModelConfig(quantization=mode), torch.float32)
     assert info.value.where == "model.quantization"
     assert "pip install 'chattune[qlora]'" in info.value.render()
@@ -55,7 +55,7 @@ def test_missing_bitsandbytes_stops_load_model_before_loading(monkeypatch, tiny_
     from chattune.model.load import load_model
 
     monkeypatch.setattr(quant, "bitsandbytes_available", lambda: False)
-    with pytest.raises(ConfigError, match="needs the bitsandbytes package"):
+    with pytest.raises(MissingDependencyError, match="needs the bitsandbytes package"):
         load_model(tiny_model_dir, ModelConfig(quantization="4bit"), dtype=torch.float32)
 
 

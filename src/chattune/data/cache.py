@@ -13,8 +13,6 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +21,7 @@ import numpy as np
 
 from chattune.data.formats import Conversation
 from chattune.data.render import RENDER_CHUNK, ChatRenderer, RenderStats, Sample, apply_max_length, gc_paused, render_all
+from chattune.files import atomic_open
 
 RENDER_VERSION = "1"  # bump when the rendering rules change
 # Conversations below which render_parallel stays in one process. Measured on 2 cores (huanhuan rows made
@@ -61,9 +60,7 @@ def cache_key(renderer: ChatRenderer, conversations: Sequence[Conversation], **s
 def _save(path: Path, samples: Sequence[Sample], stats: RenderStats) -> None:
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     meta = json.dumps({"stats": asdict(stats), "where": [s.where for s in samples]}, ensure_ascii=False).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_open(path, "wb") as f:  # a crash never leaves a half-written cache entry under the real name
         np.savez(
             f,
             ids=np.fromiter(itertools.chain.from_iterable(s.input_ids for s in samples), dtype=np.int32, count=int(lengths.sum())),
@@ -71,7 +68,6 @@ def _save(path: Path, samples: Sequence[Sample], stats: RenderStats) -> None:
             offsets=np.concatenate([[0], np.cumsum(lengths)]),
             meta=np.frombuffer(meta, dtype=np.uint8),
         )
-    os.replace(tmp, path)  # a crash never leaves a half-written cache entry under the real name
 
 
 def _load(path: Path) -> tuple[list[Sample], RenderStats]:

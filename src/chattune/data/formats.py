@@ -1,21 +1,24 @@
 """Data files -> records -> Conversations.
 
-Reads .json (a list), .jsonl, .csv and .parquet files; recognises alpaca,
-sharegpt and OpenAI-messages records; and turns each into a Conversation: a
-list of {"role", "content"} messages that tokenizer chat templates accept.
-Every record keeps its location ("file:line") so errors point at it.
+Reads records with data/stream.py (.json lists, .jsonl, .csv and .parquet files);
+recognises alpaca, sharegpt and OpenAI-messages records; and turns each into a
+Conversation: a list of {"role", "content"} messages that tokenizer chat
+templates accept. Every record keeps its location ("file:line") so errors point at it.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from chattune.data.stream import Record, json_kind, read_records
 from chattune.errors import DataError
+
+# Record and read_records live in data/stream.py (the one file reader) and are importable from here too.
+__all__ = ["FORMATS", "Conversation", "LoadReport", "Record", "detect_format", "load_conversations", "read_records",
+           "to_conversation"]
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -46,12 +49,6 @@ class Conversation:
 
 
 @dataclass
-class Record:
-    data: Any
-    where: str
-
-
-@dataclass
 class LoadReport:
     """What loading kept and skipped, for the terminal and the run directory."""
 
@@ -67,108 +64,6 @@ class LoadReport:
         parts = [f"{len(w)}x {reason} (first at {w[0]})" for reason, w in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
         total = self.kept + len(self.skipped)
         return f"skipped {len(self.skipped)} of {total} record(s) (data.on_bad_record=skip): " + "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# files -> records
-
-
-def read_records(path: str | Path) -> Iterator[Record]:
-    """Yield the raw records of one file, each with its 'file:line' (or 'file:row N') location."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", where=str(path), fix="check data.train / --data (paths are relative to where you run chattune)")
-    if path.is_dir():
-        raise DataError("is a folder, not a data file", where=str(path), fix="name a .json, .jsonl, .csv or .parquet file")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        yield from _read_parquet(path)
-        return
-    if suffix not in (".json", ".jsonl", ".csv"):
-        raise DataError(f"unsupported file type {suffix or '(none)'!r}", where=str(path), fix="use .json (a list), .jsonl, .csv or .parquet")
-    text = _read_text(path)
-    if not text.strip():
-        raise DataError("file is empty", where=str(path), fix="add records or remove the file from the config")
-    if suffix == ".json":
-        yield from _read_json(path, text)
-    elif suffix == ".jsonl":
-        yield from _read_jsonl(path, text)
-    else:
-        yield from _read_csv(path, text)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read file ({exc.strerror})", where=str(path), fix="check the file's permissions") from None
-    try:
-        return raw.decode("utf-8-sig")  # a leading BOM is common in files saved on Windows
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"the file is not UTF-8 text: byte {exc.start} (0x{raw[exc.start]:02x}) is not valid UTF-8 "
-            "(it looks saved as GBK, Latin-1 or another legacy encoding)",
-            where=f"{path}:{line}",
-            fix="re-save the file as UTF-8, e.g. `iconv -f GBK -t UTF-8 in.json > out.json` (or -f LATIN1)",
-        ) from None
-
-
-def _read_json(path: Path, text: str) -> Iterator[Record]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"not valid JSON: {exc.msg} (column {exc.colno})",
-            where=f"{path}:{exc.lineno}",
-            fix="fix the syntax there; a file with one JSON object per line must be named .jsonl",
-        ) from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]} wrappers are common
-    if not isinstance(data, list):
-        raise DataError(
-            f"the top level is {_kind(data)}, expected a list of records",
-            where=str(path),
-            fix="wrap the records in [ ... ], or use .jsonl with one record per line",
-        )
-    # Line numbers of list items are not kept by json; record indices are exact and easy to find.
-    for i, item in enumerate(data):
-        yield Record(item, f"{path}[{i}]")
-
-
-def _read_jsonl(path: Path, text: str) -> Iterator[Record]:
-    for lineno, line in enumerate(io.StringIO(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield Record(json.loads(line.rstrip("\r\n")), f"{path}:{lineno}")
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"line is not valid JSON: {exc.msg} (column {exc.colno})",
-                where=f"{path}:{lineno}",
-                fix="each line of a .jsonl file must be one complete JSON object",
-            ) from None
-
-
-def _read_csv(path: Path, text: str) -> Iterator[Record]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise DataError("CSV has no header row", where=str(path), fix="the first line must name the columns, e.g. instruction,input,output")
-    line = reader.line_num
-    for row in reader:
-        yield Record({k: v for k, v in row.items() if k is not None}, f"{path}:{line + 1}")
-        line = reader.line_num
-
-
-def _read_parquet(path: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
-        raise DataError(f"cannot read parquet ({exc})", where=str(path), fix="re-export the file, or convert it to .jsonl") from None
-    for i, row in enumerate(rows):
-        yield Record(row, f"{path}:row {i + 1}")
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +96,7 @@ def to_conversation(
 ) -> Conversation:
     """Convert one raw record of format `fmt` to a validated Conversation (prompt-only when not require_answer)."""
     if not isinstance(record, dict):
-        raise DataError(f"record is {_kind(record)}, expected an object", where=where, fix="each record must be a JSON object")
+        raise DataError(f"record is {json_kind(record)}, expected an object", where=where, fix="each record must be a JSON object")
     if fmt == "alpaca":
         messages = _from_alpaca(record, where, system, instruction_as, require_answer)
     elif fmt == "sharegpt":
@@ -228,21 +123,12 @@ def _text(record: dict, key: str, where: str, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(
-            f'field "{key}" is {_kind(value)} ({json.dumps(value, ensure_ascii=False)[:60]}), expected text',
+            f'field "{key}" is {json_kind(value)} ({json.dumps(value, ensure_ascii=False)[:60]}), expected text',
             where=where, fix=f'write the value of "{key}" in double quotes, e.g. "{key}": "..."',
         )
     if required and not value.strip():
         raise DataError(f'field "{key}" is empty', where=where, fix="fill it or set data.on_bad_record=skip")
     return value
-
-
-def _kind(value: Any) -> str:
-    """A JSON value's kind in the words of the JSON file, not Python's."""
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {list: "a list", dict: "an object", str: "text", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _from_alpaca(record: dict, where: str, system: str | None, instruction_as: str,
@@ -289,7 +175,7 @@ def _from_roles(record: dict, key: str, role_key: str, text_key: str, roles: dic
     for i, turn in enumerate(turns):
         at = f"{where} {key}[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"turn is {_kind(turn)}, expected an object", where=at,
+            raise DataError(f"turn is {json_kind(turn)}, expected an object", where=at,
                             fix=f'write each turn as {{"{role_key}": ..., "{text_key}": ...}}')
         role = turn.get(role_key)
         if role not in roles:

@@ -18,7 +18,7 @@ import logging
 import re
 from typing import Iterable, Sequence
 
-from chattune.errors import ConfigError
+from chattune.errors import ConfigError, MissingDependencyError
 
 METRICS = ("bleu", "rouge", "exact")
 # Column names in results, in display order.
@@ -45,8 +45,9 @@ def check_installed(metrics: Sequence[str]) -> None:
     needed = {"bleu": ["nltk", "jieba"], "rouge": ["rouge_chinese", "jieba"]}
     missing = sorted({mod for m in metrics for mod in needed.get(m, []) if importlib.util.find_spec(mod) is None})
     if missing:
-        raise ConfigError(f"the metric libraries {', '.join(missing)} are not installed", where="--metrics",
-                          fix="pip install 'chattune[eval]', or pass --metrics exact")
+        raise MissingDependencyError(", ".join(missing), pip="pip install 'chattune[eval]'", where="--metrics",
+                                     what=f"the metric libraries {', '.join(missing)} are not installed",
+                                     otherwise="pass --metrics exact")
 
 
 def is_chinese(text: str) -> bool:

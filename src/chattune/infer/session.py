@@ -29,17 +29,22 @@ class Session:
         return self.cfg.data.system
 
 
-def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
-    """The run's tokenizer and template, its base model, and (unless base_only) the trained adapter."""
+def load_run_renderer(run_dir: RunDir, cfg: RunConfig) -> ChatRenderer:
+    """The run's saved tokenizer with the exact template training used (model.trust_remote_code as in training)."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
+    return ChatRenderer(tokenizer, cfg.data.template_kwargs)
+
+
+def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
+    """The run's tokenizer and template, its base model, and (unless base_only) the trained adapter."""
     run_dir = RunDir(Path(run_path))
     cfg = run_dir.load_config()
     if not base_only:
         run_dir.require_adapter()
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
-    renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
+    renderer = load_run_renderer(run_dir, cfg)
     model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
                                   trust_remote_code=cfg.model.trust_remote_code)
     # cfg.model is the run's own: the base is quantised exactly as in training; model.device_map may spread it.

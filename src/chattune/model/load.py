@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,6 @@ def load_tokenizer(model_dir: str | Path, cfg: ModelConfig) -> Any:
 
 def tokenizer_files_sha256(model_dir: str | Path) -> str:
     """Hash of the tokenizer files in a model folder (the tokenisation cache's tokenizer key)."""
-    import hashlib
-
     h = hashlib.sha256()
     for path in sorted(Path(model_dir).glob("*")):
         if path.is_file() and ("token" in path.name or path.suffix in (".model", ".tiktoken") or path.name in ("vocab.json", "merges.txt")):

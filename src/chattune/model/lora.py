@@ -28,8 +28,6 @@ def to_lora_config(cfg: LoraConfig) -> Any:
 
 def linear_module_names(model: Any) -> list[str]:
     """Short names of the model's linear layers (what lora.target_modules may name)."""
-    import torch
-
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return sorted(names - {"lm_head"})
 

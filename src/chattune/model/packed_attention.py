@@ -19,14 +19,21 @@ float32 softmax in between (the arithmetic of transformers' eager attention,
 GQA heads grouped instead of repeated): forward and backward together take
 about a third of the flash kernel's time at 190 tokens. The score matrix it
 keeps for the backward grows with length², hence the limit.
+
+Also here: check_padding_free, which refuses packed rows for a model whose own code
+(trust_remote_code) has an attention that would let the samples of a row see each other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from chattune.errors import ModelError
 
 NAME = "sdpa_packed"
 MATH_MAX_LEN = 384  # samples up to this length use the matmul attention when training on a CPU
@@ -179,3 +186,28 @@ def packed_attention(model: Any) -> Iterator[None]:
         yield
     finally:
         base.set_attn_implementation(old)
+
+
+def check_padding_free(model_dir: str | Path, *, padding_free: bool, trust_remote_code: bool) -> None:
+    """Refuse padding-free batches for a model whose own code (trust_remote_code) would let samples attend to each other.
+
+    Padding-free training puts a whole batch in one row and relies on transformers' attention building one
+    causal block per sample from the restarting position_ids. Code shipped with a model (auto_map) has its
+    own attention, which sees one long sequence.
+    """
+    if not (padding_free and trust_remote_code):
+        return
+    try:
+        conf = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no readable config: loading reports that itself
+    auto_map = conf.get("auto_map") if isinstance(conf, dict) else None
+    if not (isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map):
+        return
+    raise ModelError(
+        f"train.padding_free=true puts each batch in one row and needs transformers' own attention to keep the "
+        f"samples apart, but this model runs its own code ({auto_map['AutoModelForCausalLM']}, "
+        "model.trust_remote_code=true), whose attention would let every sample see the ones before it",
+        where="train.padding_free",
+        fix="set train.padding_free=false (batches are padded instead; same results, a little slower)",
+    )

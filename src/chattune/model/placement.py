@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.config import ModelConfig
-from chattune.errors import ModelError
+from chattune.errors import MissingDependencyError, ModelError, installed
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,14 @@ def check_attn_implementation(name: str) -> None:
 
     if is_flash_attn_2_available():
         return
-    import importlib.util
-
-    reason = ("the flash-attn package is not installed" if importlib.util.find_spec("flash_attn") is None
-              else "it needs a CUDA GPU" if not torch.cuda.is_available() else "flash-attn is older than 2.3.3")
+    unavailable = "attn_implementation=flash_attention_2 is unavailable"
+    if not installed("flash_attn"):
+        raise MissingDependencyError("flash-attn", pip="pip install flash-attn --no-build-isolation",
+                                     note="on a CUDA GPU", what=f"{unavailable}: the flash-attn package is not installed",
+                                     where=_ATTN_WHERE, otherwise="use sdpa (the default) or eager")
+    reason = "it needs a CUDA GPU" if not torch.cuda.is_available() else "flash-attn is older than 2.3.3"
     raise ModelError(
-        f"attn_implementation=flash_attention_2 is unavailable: {reason}",
+        f"{unavailable}: {reason}",
         where=_ATTN_WHERE,
         fix="on a CUDA GPU run `pip install flash-attn --no-build-isolation`; otherwise use sdpa (the default) or eager",
     )

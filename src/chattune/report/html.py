@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from html import escape
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,8 +60,6 @@ pre{background:#f1f5f9;padding:10px;border-radius:6px;overflow:auto;font-size:12
 
 def build(runs: Sequence[RunData]) -> str:
     """The whole page as one string."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         ver = version("chattune")
     except PackageNotFoundError:

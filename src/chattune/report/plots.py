@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from chattune.errors import MissingDependencyError, extra_pip
+from chattune.files import atomic_path
 from chattune.report.runs import RunData
 
 CJK_FONTS = ("Noto Sans CJK SC", "WenQuanYi Micro Hei", "Source Han Sans SC", "SimHei", "Microsoft YaHei")
-INSTALL = "pip install 'chattune[report]' (matplotlib)"
 
 
 def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError(f"matplotlib is not installed: {INSTALL}") from None
+        # An ImportError too: `sweep` and `data check` skip their PNGs and say why.
+        raise MissingDependencyError("matplotlib", pip=extra_pip("report"), needed_for="PNG plots") from None
     matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit gets imported
     import matplotlib.pyplot as plt
     from matplotlib import font_manager
@@ -79,6 +81,6 @@ def length_histogram_png(lengths: Sequence[int], max_length: int, path: Path, *,
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # the temporary name hides the suffix: name the format
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from chattune.files import atomic_path
 from chattune.report.runs import RunData
 
 # Config keys that differ between runs of one sweep by construction, not by choice.
@@ -118,8 +119,7 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """The same table as CSV, with unrounded numbers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:  # csv writes its own \r\n
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()

@@ -7,22 +7,18 @@ whatever the trackers are.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from chattune.config import RunConfig
-    from chattune.rundir import RunDir
-    from chattune.track.base import Tracker
+from chattune.config import RunConfig
+from chattune.rundir import RunDir
+from chattune.track.base import Tracker
+from chattune.track.swanlab import SwanlabTracker
+from chattune.track.tensorboard import TensorboardTracker
+from chattune.track.wandb import WandbTracker
 
 
 def make_trackers(cfg: RunConfig, run_dir: RunDir) -> list[Tracker]:
     """One tracker per entry of tracking.backends ('none' adds none); other processes than the main one get []."""
     if not is_main_process():
         return []
-    from chattune.track.swanlab import SwanlabTracker
-    from chattune.track.tensorboard import TensorboardTracker
-    from chattune.track.wandb import WandbTracker
-
     kinds = {"swanlab": SwanlabTracker, "tensorboard": TensorboardTracker, "wandb": WandbTracker}
     # dict.fromkeys: keep the order, drop repeats.
     return [kinds[b](cfg, run_dir) for b in dict.fromkeys(cfg.tracking.backends) if b != "none"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
 from chattune.config import RunConfig
+from chattune.rundir import RunDir
 
 # ProgressAndMetrics row keys -> the chart names the seed tutorials (HF SwanLabCallback) show.
 TRAIN_KEYS = {
@@ -75,9 +77,9 @@ def project_and_experiment(cfg: RunConfig) -> tuple[str, str]:
     return s.project or root.parent.name or "chattune", s.experiment or root.name
 
 
-def run_info(cfg: RunConfig, run_dir: Any) -> dict[str, Any]:
+def run_info(cfg: RunConfig, run_dir: RunDir) -> dict[str, Any]:
     """What a tracker records at the start: resolved config, model and data facts, system information."""
-    root = Path(run_dir.root)
+    root = run_dir.root
     return {
         **cfg.model_dump(mode="json"),
         "model_info": _read_json(root / "model_info.json"),
@@ -88,8 +90,6 @@ def run_info(cfg: RunConfig, run_dir: Any) -> dict[str, Any]:
 
 def system_info() -> dict[str, Any]:
     """Python, library versions and the hardware training runs on."""
-    from importlib.metadata import version
-
     import peft
     import torch
     import transformers

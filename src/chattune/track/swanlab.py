@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import threading
@@ -10,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from chattune.config import RunConfig
-from chattune.errors import ConfigError
+from chattune.errors import ConfigError, MissingDependencyError, extra_pip, require
 from chattune.files import write_json
 from chattune.rundir import RunDir
 from chattune.track.base import PREDICTION_KEY, Tracker, prediction_caption, prediction_text, project_and_experiment
 
 # Our mode names -> swanlab's ("cloud" is what the SwanLab docs call it; the SDK says "online").
 MODES = {"local": "local", "cloud": "online", "offline": "offline", "disabled": "disabled"}
-INSTALL = "pip install 'chattune[swanlab]' (SwanLab with its local dashboard)"
+_WITH_DASHBOARD = "SwanLab with its local dashboard"
 
 
 def default_logdir(cfg: RunConfig) -> Path:
@@ -80,11 +79,13 @@ def _import_swanlab(mode: str) -> Any:
     try:
         import swanlab
     except ImportError:
-        raise ConfigError("tracking.backends includes swanlab but the swanlab package is not installed",
-                          where="tracking.backends", fix=f"{INSTALL}, or set tracking.backends=[none]") from None
-    if mode == "local" and importlib.util.find_spec("swanboard") is None:
-        raise ConfigError("tracking.swanlab.mode=local needs the SwanLab dashboard package (swanboard)",
-                          where="tracking.swanlab.mode", fix=f"{INSTALL}, or set tracking.swanlab.mode=offline")
+        raise MissingDependencyError("swanlab", pip=extra_pip("swanlab"), note=_WITH_DASHBOARD, where="tracking.backends",
+                                     needed_for="tracking.backends=[swanlab]",
+                                     otherwise="set tracking.backends=[none]") from None
+    if mode == "local":
+        require("swanboard", extra="swanlab", note=_WITH_DASHBOARD, where="tracking.swanlab.mode",
+                needed_for="tracking.swanlab.mode=local (the SwanLab dashboard)",
+                otherwise="set tracking.swanlab.mode=offline")
     if mode == "cloud" and not swanlab.Settings().api_key:
         raise ConfigError("tracking.swanlab.mode=cloud needs a SwanLab API key, and none was found",
                           where="tracking.swanlab.mode",

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from chattune.config import RunConfig
-from chattune.errors import ConfigError
+from chattune.errors import MissingDependencyError, extra_pip
 from chattune.rundir import RunDir
 from chattune.track.base import PREDICTION_KEY, Tracker, prediction_caption, prediction_text
 
@@ -22,9 +22,9 @@ class TensorboardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("tracking.backends includes tensorboard but the tensorboard package is not installed",
-                              where="tracking.backends",
-                              fix="pip install 'chattune[tensorboard]', or remove tensorboard from tracking.backends") from None
+            raise MissingDependencyError("tensorboard", pip=extra_pip("tensorboard"), where="tracking.backends",
+                                         needed_for="tracking.backends=[tensorboard]",
+                                         otherwise="remove tensorboard from tracking.backends") from None
         self.logdir = run_dir.root / "tensorboard"
         self._writer_cls = SummaryWriter
         self.writer: Any = None

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from chattune.config import RunConfig
-from chattune.errors import ConfigError
+from chattune.errors import MissingDependencyError, extra_pip
 from chattune.rundir import RunDir
 from chattune.track.base import PREDICTION_KEY, Tracker, project_and_experiment
 
@@ -20,9 +20,9 @@ class WandbTracker(Tracker):
         try:
             import wandb
         except ImportError:
-            raise ConfigError("tracking.backends includes wandb but the wandb package is not installed",
-                              where="tracking.backends",
-                              fix="pip install 'chattune[wandb]', or remove wandb from tracking.backends") from None
+            raise MissingDependencyError("wandb", pip=extra_pip("wandb"), where="tracking.backends",
+                                         needed_for="tracking.backends=[wandb]",
+                                         otherwise="remove wandb from tracking.backends") from None
         self.wandb = wandb
         project, experiment = project_and_experiment(cfg)
         self.project = os.environ.get("WANDB_PROJECT") or project

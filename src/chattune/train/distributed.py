@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from transformers import TrainerCallback
 
 from chattune.config import RunConfig
-from chattune.errors import ConfigError
+from chattune.errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger("chattune")
 
@@ -190,8 +190,8 @@ def _check_deepspeed(cfg: RunConfig) -> None:
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"train.distributed={cfg.train.distributed} needs the deepspeed package, which is not "
-                          "installed", where="train.distributed", fix=f"run `{_DEEPSPEED_PIP}`, or use ddp or fsdp")
+        raise MissingDependencyError("deepspeed", pip=_DEEPSPEED_PIP, needed_for=f"train.distributed={cfg.train.distributed}",
+                                     where="train.distributed", otherwise="use ddp or fsdp")
     path = cfg.train.deepspeed_config
     if path is None:
         return

@@ -9,7 +9,7 @@ import socket
 import sqlite3
 from pathlib import Path
 
-from chattune.errors import ChattuneError, RunDirError
+from chattune.errors import ChattuneError, MissingDependencyError, RunDirError
 
 HOST = "127.0.0.1"  # loopback only: the dashboard has no login, so it is not offered to the network
 DB_NAME = "runs.swanlab"  # the dashboard's database inside a swanlog folder
@@ -19,8 +19,8 @@ def run(path: str, *, port: int = 5092) -> None:
     """Serve the local SwanLab dashboard of a run folder, a project folder or a swanlog folder until Ctrl+C."""
     logdir = find_logdir(Path(path))
     if not swanboard_installed():
-        raise ChattuneError("the local SwanLab dashboard (swanboard) is not installed",
-                            fix="pip install 'chattune[swanlab]' (installs swanlab[dashboard])")
+        raise MissingDependencyError("swanboard", pip="pip install 'chattune[swanlab]'", note="installs swanlab[dashboard]",
+                                     what="the local SwanLab dashboard (swanboard) is not installed")
     check_port_free(port)
     url = f"http://{HOST}:{port}"
     print(f"SwanLab dashboard: {url}  (logs: {logdir}; Ctrl+C stops it)", flush=True)

@@ -21,8 +21,7 @@ from chattune.data.split import split_eval
 from chattune.errors import ConfigError, RunDirError
 from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora
-from chattune.model.packed_attention import use_packed_attention
-from chattune.model.safety import check_padding_free
+from chattune.model.packed_attention import check_padding_free, use_packed_attention
 from chattune.model.placement import training_device_map
 from chattune.model.quant import describe_quantization, prepare_for_kbit_training
 from chattune.model.sources import cache_root, resolve_model_dir
