@@ -110,7 +110,7 @@ def test_group_by_length_sampling_reaches_the_trainer(tmp_path):
     from chattune.config import TrainConfig
     from chattune.data.collate import SampleDataset
     from chattune.rundir import RunDir
-    from chattune.verbs.train import to_training_args
+    from chattune.train.trainer import to_training_args
 
     cfg = RunConfig.model_validate({"data": {"train": "x.json"}, "train": {"sampling": "group_by_length", "batch_size": 2}})
     args = to_training_args(cfg, RunDir(tmp_path / "run"), torch.float32, has_eval=False)
