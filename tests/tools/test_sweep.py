@@ -114,11 +114,21 @@ def test_comparison_table_as_markdown_and_csv(sweep_dir):
     assert "| run | status | lora.r |" in md and "| r8 | finished | 8 |" in md
 
 
-def test_loss_curves_png(sweep_dir):
-    data = (sweep_dir / "loss_curves.png").read_bytes()
+def assert_loss_curves_png(path: Path) -> None:
+    """A PNG that decodes, of the size its header states (over 600 x 400), with more than a blank canvas."""
+    data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 600 and height > 400
+    from matplotlib import image
+
+    pixels = image.imread(path)
+    assert pixels.shape[:2] == (height, width)
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[:: 97].tolist()}) > 2, "curves drawn"
+
+
+def test_loss_curves_png(sweep_dir):
+    assert_loss_curves_png(sweep_dir / "loss_curves.png")
 
 
 def test_a_rerun_keeps_finished_runs(sweep_dir, capsys):
@@ -165,4 +175,5 @@ def test_subprocess_mode_logs_each_run_and_records_its_error(tmp_path, tiny_mode
     assert "does not exist" in state["runs"][0]["error"] and "exit status 2" in state["runs"][0]["error"]
     assert "chattune.cli train" in state["runs"][1]["command"]
     assert "done: 1 steps" in (root / "logs" / f"{tiny_model_dir.name}.log").read_text()
-    assert (root / "loss_curves.png").is_file() and (root / tiny_model_dir.name / "summary.json").is_file()
+    assert (root / tiny_model_dir.name / "summary.json").is_file()
+    assert_loss_curves_png(root / "loss_curves.png")
