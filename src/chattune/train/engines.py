@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from chattune.config import RunConfig
@@ -80,8 +81,6 @@ def _check_deepspeed(cfg: RunConfig) -> None:
 
 
 def _check_fsdp(cfg: RunConfig) -> None:
-    import torch
-
     if not torch.cuda.is_available():
         # accelerate runs FSDP only on accelerators; on CPU processes the Trainer would quietly fall back to DDP.
         raise ConfigError("train.distributed=fsdp needs GPUs (accelerate does not run FSDP on CPU processes)",
@@ -166,8 +165,6 @@ def fsdp_config(*, offload: bool = False) -> dict[str, Any]:
 def training_args_kwargs(cfg: RunConfig, *, cuda: bool | None = None, world_size: int | None = None) -> dict[str, Any]:
     """The TrainingArguments fields of train.distributed (ddp backend, deepspeed=..., fsdp=..., fsdp_config=...)."""
     if cuda is None:
-        import torch
-
         cuda = torch.cuda.is_available()
     size = world().size if world_size is None else world_size
     t = cfg.train

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
+import torch
+
 from chattune.config import RunConfig
 from chattune.errors import ConfigError
 from chattune.rundir import prepare_run_dir
@@ -101,7 +103,5 @@ def setup(cfg: RunConfig) -> World:
 def _quiet_deepspeed() -> None:
     # accelerate imports DeepSpeed (when installed) for every Trainer; without GPUs DeepSpeed then warns that
     # it falls back to the CPU, which is what this machine asked for.
-    import torch
-
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"

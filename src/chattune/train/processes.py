@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+import torch.distributed
+
 from chattune.config import RunConfig
 
 
@@ -47,8 +50,6 @@ def under_launcher() -> bool:
 
 
 def _initialized() -> bool:
-    import torch.distributed
-
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -56,7 +57,6 @@ def init_process_group(cfg: RunConfig) -> None:
     """Join the process group now, so the run-directory steps before the Trainer can wait for the main process."""
     if _initialized():
         return
-    import torch
     from accelerate import PartialState
 
     # The Trainer's TrainingArguments later reuse this group (and, for DeepSpeed on CPU, this whole state).
@@ -82,8 +82,6 @@ def _deepspeed_on_cpu() -> None:
 def barrier() -> None:
     """Wait until every process gets here (a no-op in a single process)."""
     if _initialized():
-        import torch.distributed
-
         torch.distributed.barrier()
 
 
@@ -99,10 +97,8 @@ def main_process_first() -> Iterator[None]:
 
 
 def _all_reduce(value: float, op: str) -> float:
-    import torch
-    import torch.distributed
-
-    device = torch.device("cuda", world().local_rank) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    nccl = torch.distributed.get_backend() == "nccl"
+    device = torch.device("cuda", world().local_rank) if nccl else torch.device("cpu")
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
     return float(t.item())
@@ -122,8 +118,6 @@ def process_count() -> int:
     """How many processes train together (1 without a process group)."""
     if not _initialized():
         return 1
-    import torch.distributed
-
     return torch.distributed.get_world_size()
 
 
@@ -131,6 +125,4 @@ def backend(default: str) -> str:
     """The process group's backend (gloo, nccl), or `default` without a process group."""
     if not _initialized():
         return default
-    import torch.distributed
-
     return torch.distributed.get_backend()

@@ -6,6 +6,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from transformers import set_seed
 
@@ -21,10 +22,10 @@ from chattune.rundir import RunDir, prepare_run_dir
 from chattune.train import launcher, records
 from chattune.train import resume as resume_mod
 from chattune.train.adapter import save_adapter
-from chattune.train.inputs import prepare_data, split_probes  # noqa: F401  (split_probes: the tracking tests use it)
+from chattune.train.inputs import prepare_data, split_probes  # noqa: F401  (split_probes: tests/track imports it here)
 from chattune.train.interrupt import stop_if_interrupted, train_interruptibly
 from chattune.train.processes import is_main_process, main_process_first
-from chattune.train.trainer import build_trainer, to_training_args  # noqa: F401  (to_training_args: for the tests)
+from chattune.train.trainer import build_trainer  # a module global: tests/distributed/worker.py wraps it
 
 log = logging.getLogger("chattune")
 
@@ -55,11 +56,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     records.report_data(run_dir, cfg, data)
     records.save_inference_assets(run_dir, tokenizer)
     dtype = resolve_dtype(cfg.model.dtype)
-    set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
-    check_padding_free(model_dir, padding_free=cfg.train.padding_free, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(model_dir, cfg.model, dtype=dtype, device_map=training_device_map(cfg.model))
-    model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
+    model = load_lora_model(cfg, model_dir, dtype)
     model_info = records.describe_model(run_dir, model, dtype)
     trainer = build_trainer(cfg, run_dir, model, tokenizer, data, renderer, dtype, fingerprints=fingerprints)
     started = time.perf_counter()
@@ -86,7 +83,16 @@ def base_model_dir(cfg: RunConfig) -> Path:
                                  trust_remote_code=cfg.model.trust_remote_code)
 
 
-def use_gradient_checkpointing(cfg: RunConfig, model: object) -> bool:
+def load_lora_model(cfg: RunConfig, model_dir: Path, dtype: Any) -> Any:
+    """The base model (quantised for QLoRA) with fresh LoRA adapters on the modules cfg.lora names."""
+    set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
+    check_padding_free(model_dir, padding_free=cfg.train.padding_free, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_dir, cfg.model, dtype=dtype, device_map=training_device_map(cfg.model))
+    model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
+    return apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
+
+
+def use_gradient_checkpointing(cfg: RunConfig, model: Any) -> bool:
     """Resolve train.gradient_checkpointing=auto: on for models over 1B parameters."""
     gc = cfg.train.gradient_checkpointing
     if gc == "auto":
