@@ -161,6 +161,10 @@ def truncate_metrics(path: Path, step: int) -> int:
     return dropped
 
 
+# ---------------------------------------------------------------------------
+# telling the user how to continue
+
+
 def resume_command(run_dir: RunDir) -> str:
     """The command that continues this run: the user's own `chattune train ...` without --overwrite, if we know it."""
     argv = sys.argv
