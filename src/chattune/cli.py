@@ -16,17 +16,9 @@ def _train(args: argparse.Namespace) -> int | None:
 
     nproc = [f"train.nproc={args.nproc}"] if args.nproc else []  # --nproc N is train.nproc=N
     cfg = config.load(args.config, args.overrides + nproc)  # validate before the slow imports below
-    if cfg.sweep.grid:
-        logging.getLogger("chattune").warning(
-            "this config has a sweep.grid, which `chattune train` ignores (one run, the base values); "
-            "`chattune sweep %s` trains every combination", args.config)
-    from chattune.train import distributed
-
-    if distributed.needs_launch(cfg):  # several processes: torchrun starts this same command once per device
-        return distributed.launch(cfg, args)
     from chattune.verbs import train
 
-    train.run(cfg, overwrite=args.overwrite, resume=args.resume, resume_force=args.resume_force)
+    return train.main(cfg, args)
 
 
 def _chat(args: argparse.Namespace) -> None:

@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from chattune import config as config_mod
-from chattune.errors import RunDirError
+from chattune.errors import ConfigError, RunDirError
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,23 @@ class RunDir:
                 fix="finish `chattune train` for this run first",
             )
 
+
+def prepare_run_dir(cfg: config_mod.RunConfig, *, overwrite: bool, resume: bool = False) -> RunDir:
+    """Create the run directory; refuse to train over a finished run unless told to.
+
+    An unfinished run is kept: training resumes it from its last checkpoint (see train/resume.py).
+    """
+    run_dir = RunDir(Path(cfg.output_dir))
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other", where="chattune train",
+                          fix="--resume continues the run in output_dir, --overwrite deletes it first: pass one")
+    if run_dir.is_finished() and not overwrite:
+        raise RunDirError(
+            "a finished run is already there" + (", so there is nothing to resume" if resume else ""),
+            where=str(run_dir.root),
+            fix="pass --overwrite to replace it, or choose another output_dir (e.g. output_dir=runs/demo2)",
+        )
+    if run_dir.root.exists() and overwrite:
+        shutil.rmtree(run_dir.root)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from chattune import cli
 from tests.distributed.launch import PER_DEVICE, ROOT, STEPS, TRAIN_ROWS, overrides, rows, torchrun
 
+pytestmark = pytest.mark.slow  # every test here uses the two-process torchrun run (tests/distributed/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir):
@@ -92,7 +94,6 @@ def test_same_loss_and_weights_as_one_process_with_double_batch(ddp, single):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_resume_continues_the_curve_where_the_checkpoint_left_it(ddp, tiny_model_dir):
     run = ddp.tmp / "runs_resume" / "ddp"
     shutil.copytree(ddp.run, run)

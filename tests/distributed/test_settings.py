@@ -10,7 +10,7 @@ import pytest
 
 from chattune import cli, config
 from chattune.errors import ConfigError
-from chattune.train import distributed as dist
+from chattune.train import engines, interrupt, launcher
 
 ROOT = Path(__file__).parents[2]
 MODES = ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
@@ -63,10 +63,10 @@ def test_contradictions_are_config_errors(tmp_path, overrides, message):
 
 def test_ddp_fields_only_with_several_processes(tmp_path):
     cfg = load(tmp_path)
-    assert dist.training_args_kwargs(cfg, cuda=False, world_size=1) == {}
-    assert dist.training_args_kwargs(cfg, cuda=False, world_size=2) == {"ddp_backend": "gloo",
+    assert engines.training_args_kwargs(cfg, cuda=False, world_size=1) == {}
+    assert engines.training_args_kwargs(cfg, cuda=False, world_size=2) == {"ddp_backend": "gloo",
                                                                         "ddp_find_unused_parameters": False}
-    assert dist.training_args_kwargs(cfg, cuda=True, world_size=8)["ddp_backend"] is None  # nccl, the default
+    assert engines.training_args_kwargs(cfg, cuda=True, world_size=8)["ddp_backend"] is None  # nccl, the default
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -75,7 +75,7 @@ def test_deepspeed_fields_and_shipped_files(tmp_path, stage, offload):
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
     cfg = load(tmp_path, f"train.distributed=deepspeed_zero{stage}", f"train.cpu_offload={str(offload).lower()}")
-    kw = dist.training_args_kwargs(cfg, cuda=True, world_size=4)
+    kw = engines.training_args_kwargs(cfg, cuda=True, world_size=4)
     conf = kw["deepspeed"]
     assert "fsdp" not in kw and "accelerator_config" not in kw
     hf = HfTrainerDeepSpeedConfig(conf)
@@ -85,7 +85,7 @@ def test_deepspeed_fields_and_shipped_files(tmp_path, stage, offload):
     shipped = ROOT / "configs" / "distributed" / f"deepspeed_zero{stage}{'_offload' if offload else ''}.json"
     assert json.loads(shipped.read_text()) == conf, f"{shipped.name} drifted from distributed.deepspeed_config()"
     # On CPU processes the gloo state made by init_process_group is handed to TrainingArguments.
-    cpu = dist.training_args_kwargs(cfg, cuda=False, world_size=2)
+    cpu = engines.training_args_kwargs(cfg, cuda=False, world_size=2)
     assert cpu["accelerator_config"] == {"use_configured_state": True} and cpu["ddp_backend"] == "gloo"
 
 
@@ -99,8 +99,8 @@ def test_every_shipped_engine_file_parses():
 def test_own_deepspeed_file_is_passed_as_a_path(tmp_path, no_launcher):
     path = ROOT / "configs" / "distributed" / "deepspeed_zero3.json"
     cfg = load(tmp_path, "train.distributed=deepspeed_zero3", f"train.deepspeed_config={path}")
-    assert dist.training_args_kwargs(cfg, cuda=True, world_size=2)["deepspeed"] == str(path)
-    dist.check_supported(cfg)  # the stage matches
+    assert engines.training_args_kwargs(cfg, cuda=True, world_size=2)["deepspeed"] == str(path)
+    engines.check_supported(cfg)  # the stage matches
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -109,7 +109,7 @@ def test_fsdp_fields_make_an_fsdp2_plugin(tmp_path, offload):
     from transformers import TrainingArguments
 
     cfg = load(tmp_path, "train.distributed=fsdp", f"train.cpu_offload={str(offload).lower()}")
-    kw = dist.training_args_kwargs(cfg, cuda=True, world_size=4)
+    kw = engines.training_args_kwargs(cfg, cuda=True, world_size=4)
     assert kw["fsdp"] is True and "deepspeed" not in kw
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", fsdp=kw["fsdp"],
                              fsdp_config=kw["fsdp_config"])
@@ -120,7 +120,7 @@ def test_fsdp_fields_make_an_fsdp2_plugin(tmp_path, offload):
 
 
 def test_describe_states_the_global_batch():
-    line = dist.describe(4, 2, 8, 1e-4, mode="DDP", backend="nccl", max_steps=100)
+    line = engines.describe(4, 2, 8, 1e-4, mode="DDP", backend="nccl", max_steps=100)
     assert "4 processes (DDP, nccl); global batch 64 samples = 2 per device x 8 grad_accum x 4 processes" in line
     assert "100 optimizer steps" in line and "learning_rate 0.0001 applies to that global batch" in line
 
@@ -134,7 +134,7 @@ def test_describe_states_the_global_batch():
 def test_qlora_with_sharded_weights_is_refused(tmp_path, no_launcher, quant, mode):
     cfg = load(tmp_path, f"model.quantization={quant}", f"train.distributed={mode}", "train.nproc=2")
     with pytest.raises(ConfigError) as info:
-        dist.check_supported(cfg)
+        engines.check_supported(cfg)
     text = info.value.render()
     assert f"model.quantization={quant} cannot be combined with train.distributed={mode}" in text
     assert "ddp or deepspeed_zero2" in text  # what works instead
@@ -142,13 +142,13 @@ def test_qlora_with_sharded_weights_is_refused(tmp_path, no_launcher, quant, mod
 
 @pytest.mark.parametrize("mode", ["ddp", "deepspeed_zero2"])
 def test_qlora_with_replicated_weights_is_allowed(tmp_path, no_launcher, mode):
-    dist.check_supported(load(tmp_path, "model.quantization=4bit", f"train.distributed={mode}", "train.nproc=2"))
+    engines.check_supported(load(tmp_path, "model.quantization=4bit", f"train.distributed={mode}", "train.nproc=2"))
 
 
 def test_qlora_with_offload_is_refused(tmp_path, no_launcher):
     cfg = load(tmp_path, "model.quantization=4bit", "train.distributed=deepspeed_zero2", "train.cpu_offload=true")
     with pytest.raises(ConfigError, match="train.cpu_offload"):
-        dist.check_supported(cfg)
+        engines.check_supported(cfg)
 
 
 def test_fsdp_needs_gpus_and_several_processes(tmp_path, no_launcher, monkeypatch):
@@ -156,34 +156,34 @@ def test_fsdp_needs_gpus_and_several_processes(tmp_path, no_launcher, monkeypatc
 
     cfg = load(tmp_path, "train.distributed=fsdp", "train.nproc=2")
     with pytest.raises(ConfigError, match="needs GPUs"):  # accelerate would silently run DDP on CPU processes
-        dist.check_supported(cfg)
+        engines.check_supported(cfg)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    dist.check_supported(cfg)
+    engines.check_supported(cfg)
     with pytest.raises(ConfigError, match="only one is started"):
-        dist.check_supported(load(tmp_path, "train.distributed=fsdp"))
+        engines.check_supported(load(tmp_path, "train.distributed=fsdp"))
 
 
 def test_deepspeed_file_must_match_the_stage(tmp_path, no_launcher):
     cfg = load(tmp_path, "train.distributed=deepspeed_zero2",
                f"train.deepspeed_config={ROOT / 'configs/distributed/deepspeed_zero3.json'}")
     with pytest.raises(ConfigError, match="stage=3 but train.distributed=deepspeed_zero2 asks for stage 2"):
-        dist.check_supported(cfg)
+        engines.check_supported(cfg)
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(ConfigError, match="not valid JSON"):
-        dist.check_supported(load(tmp_path, "train.distributed=deepspeed_zero2", f"train.deepspeed_config={bad}"))
+        engines.check_supported(load(tmp_path, "train.distributed=deepspeed_zero2", f"train.deepspeed_config={bad}"))
 
 
 def test_accelerate_engine_must_agree_with_the_config(tmp_path, no_launcher, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="set train.distributed=deepspeed_zero2 or deepspeed_zero3"):
-        dist.check_supported(load(tmp_path))
+        engines.check_supported(load(tmp_path))
 
 
 def test_engines_need_a_launcher(tmp_path, no_launcher):
     with pytest.raises(ConfigError, match="runs under a distributed launcher"):
-        dist.setup(load(tmp_path, "train.distributed=deepspeed_zero2"))
-    assert dist.setup(load(tmp_path)).size == 1  # plain single-process training is untouched
+        launcher.setup(load(tmp_path, "train.distributed=deepspeed_zero2"))
+    assert launcher.setup(load(tmp_path)).size == 1  # plain single-process training is untouched
 
 
 # ---------------------------------------------------------------------------
@@ -191,19 +191,19 @@ def test_engines_need_a_launcher(tmp_path, no_launcher):
 
 
 def test_when_chattune_starts_torchrun(tmp_path, no_launcher, monkeypatch):
-    assert not dist.needs_launch(load(tmp_path))
-    assert dist.needs_launch(load(tmp_path, "train.nproc=2"))
-    assert dist.needs_launch(load(tmp_path, "train.distributed=deepspeed_zero3"))  # one GPU + ZeRO-3 offload
+    assert not launcher.needs_launch(load(tmp_path))
+    assert launcher.needs_launch(load(tmp_path, "train.nproc=2"))
+    assert launcher.needs_launch(load(tmp_path, "train.distributed=deepspeed_zero3"))  # one GPU + ZeRO-3 offload
     monkeypatch.setenv("LOCAL_RANK", "0")  # already a torchrun / accelerate worker: never again
-    assert not dist.needs_launch(load(tmp_path, "train.nproc=2"))
+    assert not launcher.needs_launch(load(tmp_path, "train.nproc=2"))
 
 
 def test_launch_command_reruns_the_same_train_command():
     args = SimpleNamespace(config="configs/demo.yaml", overrides=["train.epochs=1", "output_dir=runs/x"],
                            overwrite=True, resume=False, resume_force=False, debug=False)
-    argv = dist.worker_argv(args, 2)
+    argv = launcher.worker_argv(args, 2)
     assert argv == ["train", "configs/demo.yaml", "train.epochs=1", "output_dir=runs/x", "train.nproc=2", "--overwrite"]
-    assert dist.launch_command(argv, 2) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    assert launcher.launch_command(argv, 2) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                             "--nproc_per_node=2", "--shutdown-timeout=900",
                                             "-m", "chattune.cli", *argv]
 
@@ -212,10 +212,10 @@ def test_cli_nproc_hands_over_to_the_launcher(tmp_path, no_launcher, monkeypatch
     seen = {}
 
     def fake_launch(cfg, args):
-        seen.update(nproc=cfg.train.nproc, argv=dist.worker_argv(args, cfg.train.nproc))
+        seen.update(nproc=cfg.train.nproc, argv=launcher.worker_argv(args, cfg.train.nproc))
         return 7
 
-    monkeypatch.setattr(dist, "launch", fake_launch)
+    monkeypatch.setattr(launcher, "launch", fake_launch)
     monkeypatch.chdir(ROOT)
     assert cli.main(["train", "configs/demo.yaml", "--nproc", "2", "train.epochs=1"]) == 7  # torchrun's status
     assert seen["nproc"] == 2
@@ -236,6 +236,6 @@ def test_finished_run_is_refused_before_any_process_starts(tmp_path, no_launcher
 
 def test_interrupt_is_shared_only_with_several_processes(no_launcher, monkeypatch):
     inner = SimpleNamespace(requested=False)
-    assert dist.synced(inner) is inner
+    assert interrupt.synced(inner) is inner
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert isinstance(dist.synced(inner), dist.SyncedInterrupt)
+    assert isinstance(interrupt.synced(inner), interrupt.SyncedInterrupt)

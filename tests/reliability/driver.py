@@ -4,17 +4,16 @@
 
 ACTION: kill (SIGKILL itself before training step STEP+1), kill-in-save (SIGKILL itself while
 the checkpoint of step STEP is half written), kill-in-probes (SIGKILL itself while answering the
-probes after epoch STEP), sigint (Ctrl-C to itself after step STEP),
-slow (sleep in every step, so a parent can send signals in time). STEP is a global step.
+probes after epoch STEP), sigint (Ctrl-C to itself while optimizer step STEP runs: the run must
+finish that step, save it and stop there). STEP is a global step.
 """
 
 import os
 import signal
 import sys
-import time
 
 from chattune.train.callbacks import PredictionProbes
-from chattune.train.loss import ChattuneTrainer
+from chattune.train.trainer import ChattuneTrainer
 
 action, at = sys.argv[1], int(sys.argv[2])
 step_orig = ChattuneTrainer.training_step
@@ -25,10 +24,8 @@ answer_orig = PredictionProbes.answer
 def training_step(self, *a, **k):
     if action == "kill" and self.state.global_step == at:
         os.kill(os.getpid(), signal.SIGKILL)
-    if action == "sigint" and self.state.global_step == at:
+    if action == "sigint" and self.state.global_step == at - 1:  # steps 1..at-1 are done: step `at` starts
         os.kill(os.getpid(), signal.SIGINT)
-    if action == "slow":
-        time.sleep(0.4)
     return step_orig(self, *a, **k)
 
 

@@ -6,9 +6,7 @@ import json
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from chattune import cli
-from chattune.train import resume
+from chattune.rundir import RunDir
+from chattune.train import checkpoints, resume
+from chattune.train.adapter import write_adapter
 
-from .conftest import DRIVER, STEPS, metrics, run_driver, train_argv, train_rows, write_config
+from .conftest import STEPS, run_driver, train_argv, train_rows, write_config
 
 CURVE_KEYS = ("loss", "grad_norm", "learning_rate")
 
@@ -36,24 +36,21 @@ def assert_same_adapter(run: Path, baseline: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def ctrl_c_after_two_steps(argv: list[str], run: Path) -> tuple[subprocess.Popen, str]:
-    """The child sleeps in every step; the parent presses Ctrl-C once two steps are logged. (process, stderr)"""
-    proc = subprocess.Popen([sys.executable, str(DRIVER), "slow", "0", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 2:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    return proc, proc.communicate(timeout=300)[1]
+# Ctrl-C arrives while this optimizer step runs: neither a save step (3, 6) nor an epoch's last step (4, 8).
+CTRL_C_STEP = 2
+
+
+def ctrl_c_during_step(argv: list[str]) -> tuple[int, str]:
+    """The child presses Ctrl-C on itself while step CTRL_C_STEP runs (driver.py 'sigint'). (exit status, stderr)"""
+    proc = run_driver("sigint", CTRL_C_STEP, argv)
+    return proc.returncode, proc.stderr
 
 
 def test_checkpoints_are_complete_and_only_the_last_n_are_kept(baseline):
     names = sorted(p.name for p in (baseline / "checkpoints").iterdir())
     assert names == ["checkpoint-6", "checkpoint-8"], "train.save_total_limit=2 keeps the last two"
     for name in names:
-        marker = json.loads((baseline / "checkpoints" / name / resume.MARKER).read_text())
+        marker = json.loads((baseline / "checkpoints" / name / checkpoints.MARKER).read_text())
         assert marker["step"] == int(name.split("-")[1])
         assert set(marker["fingerprints"]) == set(resume.FINGERPRINTS)
         assert (baseline / "checkpoints" / name / "adapter_model.safetensors").is_file()
@@ -89,13 +86,13 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path, tiny_model_di
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = tmp_path / "run" / "checkpoints"
     assert not (ckpts / "checkpoint-6").exists(), "the half-written checkpoint has no final name"
-    assert (ckpts / resume.STAGING / "checkpoint-6").is_dir()
-    assert resume.last_checkpoint(resume.RunDir(tmp_path / "run")).name == "checkpoint-3"
+    assert (ckpts / checkpoints.STAGING / "checkpoint-6").is_dir()
+    assert checkpoints.last_checkpoint(RunDir(tmp_path / "run")).name == "checkpoint-3"
 
     caplog.set_level("INFO", logger="chattune")
     assert cli.main(argv) == 0
     assert "checkpoint-3 (step 3" in caplog.text
-    assert not (ckpts / resume.STAGING).exists()
+    assert not (ckpts / checkpoints.STAGING).exists()
     assert_same_curve(tmp_path / "run", baseline)
 
 
@@ -123,12 +120,12 @@ def test_killed_before_the_first_checkpoint_starts_over_cleanly(tmp_path, tiny_m
 def test_ctrl_c_saves_a_checkpoint_and_the_adapter_and_says_how_to_resume(tmp_path, tiny_model_dir, baseline, capsys):
     argv = train_argv(write_config(tmp_path, tiny_model_dir), tmp_path / "run")
     run = tmp_path / "run"
-    proc, err = ctrl_c_after_two_steps(argv, run)
-    assert proc.returncode == 130, err[-3000:]
+    returncode, err = ctrl_c_during_step(argv)
+    assert returncode == 130, err[-3000:]
     assert "Traceback" not in err
     stopped = train_rows(run)[-1]["step"]
-    assert 2 <= stopped < STEPS
-    assert (run / "checkpoints" / f"checkpoint-{stopped}" / resume.MARKER).is_file(), "saved at the step it stopped"
+    assert stopped == CTRL_C_STEP, "the step running at Ctrl-C is finished, and no other"
+    assert (run / "checkpoints" / f"checkpoint-{stopped}" / checkpoints.MARKER).is_file(), "saved at the step it stopped"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert not (run / "summary.json").exists(), "an interrupted run is not finished"
     hint = next(line for line in err.splitlines() if "resume with:" in line)
@@ -143,7 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_adapter_and_says_how_to_resume(tmp_pa
 @pytest.fixture(scope="module")
 def crashed_template(tmp_path_factory, tiny_model_dir):
     """A run that crashed during step 5, with checkpoint-3 on disk (trained once per module)."""
-    from chattune.train.loss import ChattuneTrainer
+    from chattune.train.trainer import ChattuneTrainer
 
     real = ChattuneTrainer.training_step
 
@@ -223,9 +220,9 @@ def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     for n in (1, 2, 10, 11):
         (tmp_path / f"checkpoint-{n}").mkdir()
-        (tmp_path / f"checkpoint-{n}" / resume.MARKER).write_text("{}")
+        (tmp_path / f"checkpoint-{n}" / checkpoints.MARKER).write_text("{}")
     (tmp_path / "checkpoint-12").mkdir()  # no marker: a crash leftover
-    resume.rotate_checkpoints(tmp_path, 2)
+    checkpoints.rotate_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-11"], "by step, not by name"
 
 
@@ -244,15 +241,15 @@ def test_adapter_save_is_all_or_nothing(tmp_path):
             Path(folder, "adapter_model.safetensors").write_text("new")
 
     with pytest.raises(OSError):
-        resume.save_adapter(Failing(), dest)
+        write_adapter(Failing(), dest)
     assert (dest / "adapter_model.safetensors").read_text() == "old"
-    resume.save_adapter(Good(), dest)
+    write_adapter(Good(), dest)
     assert (dest / "adapter_model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"], "no temporary folders left behind"
 
 
 def test_resume_command_repeats_the_users_command_without_overwrite(monkeypatch, tmp_path):
-    run_dir = resume.RunDir(tmp_path / "run")
+    run_dir = RunDir(tmp_path / "run")
     monkeypatch.setattr(sys, "argv", ["/usr/bin/chattune", "train", "configs/demo.yaml", "output_dir=runs/my run",
                                       "--overwrite"])
     assert resume.resume_command(run_dir) == "chattune train configs/demo.yaml 'output_dir=runs/my run'"
@@ -267,10 +264,11 @@ def test_ctrl_c_with_swanlab_tracking_still_saves_and_exits_130(tmp_path, tiny_m
     run = tmp_path / "run"
     argv = train_argv(write_config(tmp_path, tiny_model_dir), run, "tracking.backends=[swanlab]",
                       "tracking.swanlab.mode=offline", f"tracking.swanlab.logdir={tmp_path / 'swanlog'}")
-    proc, err = ctrl_c_after_two_steps(argv, run)
-    assert proc.returncode == 130, err[-3000:]
+    returncode, err = ctrl_c_during_step(argv)
+    assert returncode == 130, err[-3000:]
     assert "Traceback" not in err and "resume with:" in err
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     stopped = train_rows(run)[-1]["step"]
+    assert stopped == CTRL_C_STEP
     assert sorted(p.name for p in (run / "predictions").iterdir()) == ["epoch_0.jsonl"], \
         f"no answers for the epoch cut short at step {stopped}"

@@ -10,6 +10,7 @@ import yaml
 
 from chattune import cli, config
 from chattune.errors import ConfigError
+from chattune.train import grid
 from chattune.verbs import sweep
 
 from .conftest import write_config
@@ -20,43 +21,43 @@ from .conftest import write_config
 
 
 def test_grid_arguments_split_on_top_level_commas_and_parse_as_yaml():
-    axes = sweep.parse_grid_args(["lora.r=8,64", "lora.target_modules=[q_proj,v_proj],all-linear",
+    axes = grid.parse_grid_args(["lora.r=8,64", "lora.target_modules=[q_proj,v_proj],all-linear",
                                   "model={name_or_path: gemma3-270m, chat_template: gemma},smollm2-135m"])
     assert axes["lora.r"] == [8, 64]
     assert axes["lora.target_modules"] == [["q_proj", "v_proj"], "all-linear"]
     assert axes["model"][0] == {"name_or_path": "gemma3-270m", "chat_template": "gemma"}
     with pytest.raises(ConfigError, match="is not KEY=V1,V2"):
-        sweep.parse_grid_args(["lora.r"])
+        grid.parse_grid_args(["lora.r"])
 
 
 @pytest.mark.parametrize("value", ["abc", "true", "1e-4", 1e-5, 8, None, [1, "a"], {"a": 1}, "a: b", "x,y", "",
                                    "你是一个法律专家，请根据用户的问题给出专业的回答", "Qwen/Qwen2.5-7B-Instruct"])
 def test_override_text_parses_back_to_the_same_value(value):
-    assert yaml.safe_load(sweep.yaml_value(value)) == value
+    assert yaml.safe_load(grid.yaml_value(value)) == value
 
 
 def test_every_combination_once_with_unique_readable_names():
     axes = {"model": [{"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}, {"name_or_path": "gemma3-270m", "chat_template": "gemma"}],
             "lora.r": [8, 64], "train.learning_rate": [1e-4]}
-    points = sweep.plan(axes)
+    points = grid.plan(axes)
     assert [p.name for p in points] == ["Qwen2.5-0.5B-Instruct_r8", "Qwen2.5-0.5B-Instruct_r64", "gemma3-270m_r8",
                                         "gemma3-270m_r64"]  # the single-valued key is not in the names
     assert points[2].overrides == ["model.name_or_path=gemma3-270m", "model.chat_template=gemma", "lora.r=8",
                                    "train.learning_rate=0.0001"]
-    assert sweep.column_keys(axes) == ["model.name_or_path", "model.chat_template", "lora.r", "train.learning_rate"]
-    same = sweep.plan({"data.train": [["a/x.json"], ["b/x.json"]]})
+    assert grid.column_keys(axes) == ["model.name_or_path", "model.chat_template", "lora.r", "train.learning_rate"]
+    same = grid.plan({"data.train": [["a/x.json"], ["b/x.json"]]})
     assert len({p.name for p in same}) == 2
 
 
 def test_config_grid_and_command_line_grid_merge(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path, tiny_model_dir, sweep="{grid: {lora.r: [4, 8], lora.alpha: [8, 16]}}")
     loaded = config.load(cfg)
-    axes = sweep.merge_grid(loaded.sweep.grid, sweep.parse_grid_args(["lora.r=2"]))
+    axes = grid.merge_grid(loaded.sweep.grid, grid.parse_grid_args(["lora.r=2"]))
     assert axes == {"lora.r": [2], "lora.alpha": [8, 16]}
     with pytest.raises(ConfigError, match="nothing to sweep"):
-        sweep.merge_grid({}, {})
+        grid.merge_grid({}, {})
     with pytest.raises(ConfigError, match="output_dir cannot be swept"):
-        sweep.merge_grid({}, {"output_dir": ["a", "b"]})
+        grid.merge_grid({}, {"output_dir": ["a", "b"]})
 
 
 def test_bad_values_are_reported_for_all_runs_before_any_training(tmp_path, tiny_model_dir, capsys):
@@ -73,7 +74,7 @@ def test_dry_run_shows_the_plan_with_one_tracking_project(tmp_path, tiny_model_d
     err = capsys.readouterr().err
     assert "4 runs" in err and "r4_drop0.1" in err and "SwanLab project 'sweep'" in err
     assert not (tmp_path / "sweep").exists()
-    points = sweep.plan({"lora.r": [4, 8]})
+    points = grid.plan({"lora.r": [4, 8]})
     shared = ["tracking.swanlab.project=p", "sweep.grid={}"]
     loaded = [config.load(cfg, sweep.run_overrides(p, shared, tmp_path / "sweep")) for p in points]
     assert {c.tracking.swanlab.project for c in loaded} == {"p"}
@@ -113,11 +114,21 @@ def test_comparison_table_as_markdown_and_csv(sweep_dir):
     assert "| run | status | lora.r |" in md and "| r8 | finished | 8 |" in md
 
 
-def test_loss_curves_png(sweep_dir):
-    data = (sweep_dir / "loss_curves.png").read_bytes()
+def assert_loss_curves_png(path: Path) -> None:
+    """A PNG that decodes, of the size its header states (over 600 x 400), with more than a blank canvas."""
+    data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 600 and height > 400
+    from matplotlib import image
+
+    pixels = image.imread(path)
+    assert pixels.shape[:2] == (height, width)
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[:: 97].tolist()}) > 2, "curves drawn"
+
+
+def test_loss_curves_png(sweep_dir):
+    assert_loss_curves_png(sweep_dir / "loss_curves.png")
 
 
 def test_a_rerun_keeps_finished_runs(sweep_dir, capsys):
@@ -164,4 +175,5 @@ def test_subprocess_mode_logs_each_run_and_records_its_error(tmp_path, tiny_mode
     assert "does not exist" in state["runs"][0]["error"] and "exit status 2" in state["runs"][0]["error"]
     assert "chattune.cli train" in state["runs"][1]["command"]
     assert "done: 1 steps" in (root / "logs" / f"{tiny_model_dir.name}.log").read_text()
-    assert (root / "loss_curves.png").is_file() and (root / tiny_model_dir.name / "summary.json").is_file()
+    assert (root / tiny_model_dir.name / "summary.json").is_file()
+    assert_loss_curves_png(root / "loss_curves.png")

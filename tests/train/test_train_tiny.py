@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from chattune import cli
 from chattune.config import RunConfig
+from chattune.train.checkpoints import MARKER, complete_checkpoints
 
 FIX = Path(__file__).parents[1] / "fixtures" / "data"
 
@@ -37,6 +38,25 @@ def test_run_directory_contract(run):
     assert not [n for n in names if n.endswith((".bin", "model.safetensors")) and not n.startswith("adapter/")], \
         "no full model weights in a run directory"
     assert (run / "checkpoints").is_dir()
+
+
+def test_run_directory_files_hold_what_later_verbs_read(run):
+    """The contract by content: the adapter's shape, the summary, model info, data report and the last checkpoint."""
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert adapter["target_modules"]
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(w.shape[0] == 8 for k, w in weights.items() if "lora_A" in k)
+    assert all(w.shape[1] == 8 for k, w in weights.items() if "lora_B" in k)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 4
+    assert {"train_loss", "first_loss", "final_loss", "wall_s", "trainable_params", "total_params"} <= summary.keys()
+    info = json.loads((run / "model_info.json").read_text())
+    assert 0 < info["trainable_params"] < info["total_params"] and info["dtype"] == "float32"
+    report = json.loads((run / "data_report.json").read_text())
+    assert {"files", "skipped", "render"} <= report.keys() and report["render"]["samples"] > 0
+    last = complete_checkpoints(run / "checkpoints")[-1]
+    assert last.name == "checkpoint-4" and json.loads((last / MARKER).read_text())["step"] == 4
 
 
 def test_adapter_holds_only_lora_weights_and_they_moved(run):
@@ -110,7 +130,7 @@ def test_group_by_length_sampling_reaches_the_trainer(tmp_path):
     from chattune.config import TrainConfig
     from chattune.data.collate import SampleDataset
     from chattune.rundir import RunDir
-    from chattune.verbs.train import to_training_args
+    from chattune.train.trainer import to_training_args
 
     cfg = RunConfig.model_validate({"data": {"train": "x.json"}, "train": {"sampling": "group_by_length", "batch_size": 2}})
     args = to_training_args(cfg, RunDir(tmp_path / "run"), torch.float32, has_eval=False)

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer
 from chattune.infer.generate import generate_batch
-from chattune.files import append_jsonl
-from chattune.train.distributed import process_count, sum_over_processes
-from chattune.train.resume import atomic_write_text
+from chattune.files import append_jsonl, write_jsonl
+from chattune.train.processes import process_count, sum_over_processes
 from chattune.train.throughput import gpu_stats
 
 
 class TokenCounter:
-    """Counts the real (non-padding) tokens trained on; ChattuneTrainer adds each batch as it computes its loss.
+    """Counts the real (non-padding) tokens trained on; ChattuneTrainer (train/trainer.py) adds each batch as it computes its loss.
 
     Counting in the collator would be off by a batch: the dataloader collates one
     batch ahead, so the last step of an epoch would seem to have no tokens.
@@ -50,8 +49,6 @@ class ProgressAndMetrics(TrainerCallback):
         self._tokens0 = 0
 
     def on_train_begin(self, args, state, control, **kw):
-        from tqdm.auto import tqdm
-
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
         self._train_time, self._tokens0 = 0.0, self.counter.tokens
@@ -147,10 +144,8 @@ class PredictionProbes(TrainerCallback):
         ]
         if not write:
             return rows
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"epoch_{epoch}.jsonl"
         # Whole or not at all: resume keeps the answer files of finished epochs as they are.
-        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_jsonl(self.out_dir / f"epoch_{epoch}.jsonl", rows)
         for sink in self.sinks:
             sink(rows, epoch, step)
         self.done[epoch] = rows

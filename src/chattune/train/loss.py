@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
 
 from chattune.data.render import IGNORE
-from chattune.train.resume import AtomicCheckpoints
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,20 +79,3 @@ def supervised_loss(model: Any, inputs: dict[str, torch.Tensor], num_items: int 
     loss = chunked_cross_entropy(logits, targets.to(logits.device))
     denom = num_items if num_items is not None else max(int(targets.numel()), 1)
     return loss / denom, outputs
-
-
-class ChattuneTrainer(AtomicCheckpoints, Trainer):
-    """HF Trainer with the supervised-positions loss and atomic checkpoints; everything else is the Trainer's own."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Normalising by num_items_in_batch matches the Trainer's own rule: such a loss is
-        # already scaled for gradient accumulation, a per-batch mean is divided by it later.
-        if not self.model_accepts_loss_kwargs:
-            num_items_in_batch = None
-        counter = getattr(self, "token_counter", None)
-        if counter is not None and model.training:
-            counter.add(inputs)
-        loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss

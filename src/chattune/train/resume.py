@@ -1,11 +1,4 @@
-"""Crash-safe checkpoints and resume.
-
-A checkpoint is written under RUN/checkpoints/.staging/, gets a marker file
-(chattune_checkpoint.json: step, epoch and the fingerprints of what training
-depends on) once every file is on disk, and only then is renamed to
-checkpoint-N. So a folder named checkpoint-N is always complete, and a crash
-at any moment leaves either the previous checkpoints or the new one, never a
-half-written one that resume would pick.
+"""Resume: continue an unfinished run from its last complete checkpoint (train/checkpoints.py writes them).
 
 Re-running `chattune train` on an unfinished run resumes from its last complete
 checkpoint (same step, optimizer, scheduler, RNG and data order: the HF
@@ -20,28 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 import shlex
 import shutil
-import signal
 import sys
-import tempfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-from transformers import TrainerCallback
+from typing import Any, Sequence
 
 from chattune.errors import RunDirError
+from chattune.files import write_text
 from chattune.rundir import RunDir
+from chattune.train.checkpoints import MARKER, STAGING, checkpoint_step, last_checkpoint, read_marker
 
 log = logging.getLogger("chattune")
 
-MARKER = "chattune_checkpoint.json"
-STAGING = ".staging"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What each fingerprint covers, in the words an error message uses.
 FINGERPRINTS = {
     "data": "the training data",
@@ -51,35 +35,6 @@ FINGERPRINTS = {
     "lora": "the LoRA shape (lora.r / lora.alpha / lora.target_modules)",
     "base_model": "the base model (model.name_or_path)",
 }
-
-
-# ---------------------------------------------------------------------------
-# finding checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N for a folder named checkpoint-N, else None."""
-    m = _CHECKPOINT.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """checkpoint-N folders that carry the completion marker, oldest step first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / MARKER).is_file()]
-    return sorted(found, key=checkpoint_step)
-
-
-def last_checkpoint(run_dir: RunDir) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    done = complete_checkpoints(run_dir.checkpoints)
-    return done[-1] if done else None
-
-
-def read_marker(checkpoint: Path) -> dict[str, Any]:
-    """The marker of a complete checkpoint (step, epoch, fingerprints)."""
-    return json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -112,8 +67,10 @@ def fingerprints(cfg: Any, renderer: Any, conversations: Sequence[Any], model_di
     }
 
 
-def check_resume(run_dir: RunDir, checkpoint: Path, current: dict[str, str], *, force: bool) -> None:
-    """Refuse to resume when a fingerprint changed (unless forced, then warn)."""
+def check_resume(run_dir: RunDir, checkpoint: Path | None, current: dict[str, str], *, force: bool) -> None:
+    """Refuse to resume when a fingerprint changed (unless forced, then warn); nothing to check on a fresh start."""
+    if checkpoint is None:
+        return
     stored = read_marker(checkpoint).get("fingerprints", {})
     changed = [k for k in current if stored.get(k) != current[k]]
     if not changed:
@@ -200,154 +157,12 @@ def truncate_metrics(path: Path, step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    write_text(path, "".join(f"{line}\n" for line in kept))
     return dropped
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------
-# atomic checkpoints and adapters
-
-
-class AtomicCheckpoints:
-    """Trainer mixin: write each checkpoint under .staging/, mark it complete, rename it, keep the last N.
-
-    Set `chattune_fingerprints` on the trainer; they go into every checkpoint's marker.
-    """
-
-    chattune_fingerprints: dict[str, str] = {}
-    _chattune_staging = False
-
-    def _get_output_dir(self, trial: Any) -> str:
-        out = super()._get_output_dir(trial)
-        # The Trainer asks for its output folder while saving; send that save into the staging folder.
-        return os.path.join(out, STAGING) if self._chattune_staging else out
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        root = Path(self.args.output_dir)
-        staging = root / STAGING
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # a previous crash's leftovers
-        # Several processes: each writes into staging (its rng_state_N, its ZeRO/FSDP shards), so none may
-        # start before the main process cleared it, and it is published only once all of them are done.
-        self.accelerator.wait_for_everyone()
-        self._chattune_staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._chattune_staging = False
-        self.accelerator.wait_for_everyone()
-        if not self.args.should_save:
-            return
-        name = f"checkpoint-{self.state.global_step}"
-        publish_checkpoint(staging / name, root / name, {
-            "step": self.state.global_step,
-            "epoch": self.state.epoch,
-            "max_steps": self.state.max_steps,
-            "fingerprints": self.chattune_fingerprints,
-        })
-        shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(root, self.args.save_total_limit)
-
-
-def publish_checkpoint(src: Path, dst: Path, marker: dict[str, Any]) -> None:
-    """Flush a staged checkpoint to disk, write its marker last, and rename it to its final name."""
-    for p in src.rglob("*"):
-        if p.is_file():
-            _fsync(p)
-    atomic_write_text(src / MARKER, json.dumps(marker, ensure_ascii=False, indent=2) + "\n")
-    if dst.exists():  # the same step saved again (e.g. an interrupt on a save step): the new one wins
-        shutil.rmtree(dst)
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
-
-
-def rotate_checkpoints(root: Path, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and incomplete leftovers."""
-    done = complete_checkpoints(root)
-    doomed = done[: -keep] if keep and len(done) > keep else []
-    doomed += [p for p in root.iterdir() if checkpoint_step(p) is not None and not (p / MARKER).is_file()]
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def save_adapter(model: Any, dest: Path) -> None:
-    """save_pretrained into a temporary folder beside dest, then swap it in (a crash never leaves half an adapter)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                _fsync(p)
-        old = dest.parent / f".{dest.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # not every filesystem lets a folder be fsynced
-        pass
-
-
-# ---------------------------------------------------------------------------
-# Ctrl-C
-
-
-class GracefulInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-        print("\nCtrl-C: finishing this step, then saving a checkpoint and the adapter "
-              "(press Ctrl-C again to stop at once without saving)", file=sys.stderr, flush=True)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.requested:
-            control.should_save = True
-            control.should_training_stop = True
-
-    @contextmanager
-    def installed(self) -> Iterator["GracefulInterrupt"]:
-        """Handle SIGINT while the block runs (only the main thread may install signal handlers)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+# telling the user how to continue
 
 
 def resume_command(run_dir: RunDir) -> str:

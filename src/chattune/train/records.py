@@ -1,0 +1,134 @@
+"""The files a run writes about itself: config, data report, tokenizer and template, model info, summary.
+
+Only the main process writes them; in the other processes these steps only log (or do nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from chattune import config as config_mod
+from chattune.config import RunConfig
+from chattune.errors import ConfigError
+from chattune.files import read_jsonl, write_json, write_text
+from chattune.model.load import count_parameters
+from chattune.model.quant import describe_quantization
+from chattune.rundir import RunDir
+from chattune.train.inputs import TrainingData
+from chattune.train.processes import is_main_process
+from chattune.train.resume import prepare_files
+
+log = logging.getLogger("chattune")
+
+
+def start_run(run_dir: RunDir, cfg: RunConfig, checkpoint: Path | None) -> None:
+    """run_config.yaml, and metrics / predictions / checkpoints made to match the checkpoint (or a fresh start)."""
+    if is_main_process():
+        config_mod.dump(cfg, run_dir.config_file)
+        prepare_files(run_dir, checkpoint)
+
+
+def report_data(run_dir: RunDir, cfg: RunConfig, data: TrainingData) -> None:
+    """Print and store what loading and rendering kept, skipped and truncated; refuse when no sample is left."""
+    load_report, stats = data.load_report, data.stats
+    log.info("data: %d conversations from %s -> %d samples, %d tokens (%d supervised); %d probe rows",
+             load_report.kept, ", ".join(f"{Path(k).name} ({v})" for k, v in load_report.per_file.items()),
+             stats.samples, stats.tokens, stats.supervised_tokens, len(data.probes))
+    for line in stats.summary(cfg.data.max_length):
+        log.warning("data: %s", line)
+    if load_report.skipped:
+        log.warning("data: %s; every one is listed in %s", load_report.skipped_summary(), run_dir.data_report)
+    if is_main_process():
+        write_json(run_dir.data_report, {
+            "files": load_report.per_file,
+            "skipped": [{"where": w, "reason": r} for w, r in load_report.skipped],
+            "render": {k: v for k, v in vars(stats).items()},
+            **({"eval": data.eval_info} if data.eval_info else {}),
+        })
+    if stats.samples == 0:
+        reasons = [f"{stats.dropped_overlength} longer than data.max_length={cfg.data.max_length} were dropped "
+                   f"(data.overlength={cfg.data.overlength})" if stats.dropped_overlength else "",
+                   f"{stats.dropped_no_labels} had a prompt that alone fills max_length" if stats.dropped_no_labels else ""]
+        raise ConfigError(
+            f"no training samples left: of {stats.conversations} conversation(s), "
+            + ", ".join(r for r in reasons if r),
+            where="data.max_length",
+            fix="raise data.max_length, or set data.overlength=truncate to keep the start of long samples",
+        )
+
+
+def save_inference_assets(run_dir: RunDir, tokenizer: Any) -> None:
+    """Tokenizer and the exact chat template, so later verbs render exactly as training did."""
+    if not is_main_process():
+        return
+    tokenizer.save_pretrained(run_dir.tokenizer)
+    write_text(run_dir.template_file, tokenizer.chat_template)
+
+
+def describe_model(run_dir: RunDir, model: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """Print and record trainable/total parameters and the model's memory footprint."""
+    trainable, total = count_parameters(model)
+    footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else None
+    info = {"trainable_params": trainable, "total_params": total, "trainable_pct": round(100 * trainable / total, 4),
+            "dtype": str(dtype).replace("torch.", ""), "quantization": describe_quantization(model),
+            "memory_bytes": footprint}
+    log.info("model: %s trainable of %s parameters (%.3f%%), %s%s, %.0f MiB", f"{trainable:,}", f"{total:,}",
+             info["trainable_pct"], info["dtype"],
+             "" if info["quantization"] == "none" else f", base weights {info['quantization']}", (footprint or 0) / 2**20)
+    if is_main_process():
+        write_json(run_dir.root / "model_info.json", info)
+    return info
+
+
+def finish(run_dir: RunDir, result: Any, started: float, model_info: dict[str, Any]) -> RunDir:
+    """Write summary.json (the 'finished' marker) and tell the user where everything went."""
+    if not is_main_process():
+        return run_dir
+    rows = read_jsonl(run_dir.metrics)
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    summary = {
+        "global_step": result.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        **({"eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"]} if evals else {}),
+        "wall_s": round(time.perf_counter() - started, 1),
+        **model_info,
+    }
+    write_json(run_dir.summary, summary)
+    log.info("done: %d steps in %.0fs, loss %s -> %s", summary["global_step"], summary["wall_s"],
+             _fmt(summary["first_loss"]), _fmt(summary["final_loss"]))
+    if evals:
+        log.info("eval: loss %s -> %s, perplexity %s", _fmt(evals[0]["eval_loss"]), _fmt(evals[-1]["eval_loss"]),
+                 _fmt(evals[-1]["eval_ppl"]))
+    show_probe_comparison(run_dir)
+    log.info("run directory: %s (adapter/, metrics.jsonl, predictions/)", run_dir.root)
+    log.info("chat with it:  chattune chat %s", run_dir.root)
+    return run_dir
+
+
+def show_probe_comparison(run_dir: RunDir) -> None:
+    """Print each probe question with the base model's answer and the tuned model's last answer."""
+    epochs = sorted(int(p.stem.split("_")[1]) for p in run_dir.predictions.glob("epoch_*.jsonl"))
+    if len(epochs) < 2:
+        return
+    before = read_jsonl(run_dir.predictions / f"epoch_{epochs[0]}.jsonl")
+    after = read_jsonl(run_dir.predictions / f"epoch_{epochs[-1]}.jsonl")
+    table = Table(title=f"probe answers: base model vs tuned (epoch {epochs[-1]})", show_lines=True)
+    for col in ("question", "base model", "tuned model", "reference"):
+        table.add_column(col, overflow="fold")
+    for b, a in zip(before, after):
+        table.add_row(b["question"], b["answer"], a["answer"], b["reference"])
+    Console().print(table)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

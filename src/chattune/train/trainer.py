@@ -1,0 +1,119 @@
+"""The HF Trainer as chattune runs it: TrainingArguments from the config, our loss, callbacks and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from chattune.config import RunConfig
+from chattune.data.collate import SampleDataset, make_collate
+from chattune.data.render import ChatRenderer
+from chattune.model.packed_attention import use_packed_attention
+from chattune.rundir import RunDir
+from chattune.track import make_trackers
+from chattune.track.base import TrackingCallback, run_info
+from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, TokenCounter
+from chattune.train.checkpoints import PublishCheckpoints, staging_dir
+from chattune.train.engines import DistributedReport, shards_weights, training_args_kwargs
+from chattune.train.inputs import TrainingData
+from chattune.train.loss import supervised_loss
+from chattune.train.throughput import lora_flops_per_token
+
+
+class ChattuneTrainer(Trainer):
+    """HF Trainer with the supervised-positions loss and crash-safe checkpoints; everything else is the Trainer's own.
+
+    token_counter counts the tokens trained on (for tokens/s); fingerprints go into every checkpoint's marker
+    (train/checkpoints.py; args.output_dir must be the run's staging folder, as to_training_args makes it).
+    """
+
+    def __init__(self, *args: Any, token_counter: TokenCounter | None = None,
+                 fingerprints: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.token_counter = token_counter
+        self.add_callback(PublishCheckpoints(fingerprints or {}))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Normalising by num_items_in_batch matches the Trainer's own rule: such a loss is
+        # already scaled for gradient accumulation, a per-batch mean is divided by it later.
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None
+        if self.token_counter is not None and model.training:
+            self.token_counter.add(inputs)
+        loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has_eval: bool = False) -> TrainingArguments:
+    """transformers.TrainingArguments from the train section (pure conversion)."""
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(staging_dir(run_dir)),  # checkpoints are published from there (train/checkpoints.py)
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        train_sampling_strategy=t.sampling,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=("steps" if t.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.batch_size,
+        prediction_loss_only=True,  # eval needs the loss only; kept logits would cost tokens x vocab floats
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # our own bar shows loss and tokens/s
+        label_names=["labels"],
+        **training_args_kwargs(cfg),  # ddp backend, deepspeed=..., fsdp=... (train.distributed)
+    )
+
+
+def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, data: TrainingData,
+                  renderer: ChatRenderer, dtype: torch.dtype, *, fingerprints: dict[str, str]) -> ChattuneTrainer:
+    """An HF Trainer wired with our collator, progress/metrics, tracking and probe callbacks."""
+    # Padding-free batches need use_cache=False for exact sequence boundaries; training never uses the cache.
+    model.config.use_cache = False
+    if cfg.train.padding_free:
+        use_packed_attention(model)  # per-sample causal SDPA instead of one masked attention over the row
+    counter = TokenCounter()
+    trainer = ChattuneTrainer(
+        model=model,
+        args=to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples)),
+        train_dataset=SampleDataset(data.samples),
+        eval_dataset=SampleDataset(data.eval_samples) if data.eval_samples else None,
+        data_collator=make_collate(cfg.train.padding_free, tokenizer.pad_token_id),  # eval uses the same collator
+        token_counter=counter,
+        fingerprints=fingerprints,
+    )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(DistributedReport())  # processes and global batch, logged before the progress bar
+    # metrics.jsonl was emptied (fresh start) or cut back to the checkpoint (resume) by resume.prepare_files.
+    trackers = make_trackers(cfg, run_dir)  # [] for tracking.backends=[none]
+    # Before the probes: the trackers' run must be open when the base model's answers arrive.
+    trainer.add_callback(TrackingCallback(trackers, lambda: run_info(cfg, run_dir)))
+    trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter, sinks=[t.log_row for t in trackers],
+                                            flops_per_token=lora_flops_per_token(model)))
+    trainer.add_callback(PredictionProbes(data.probes, renderer, run_dir.predictions,
+                                          max_new_tokens=cfg.tracking.probe_max_new_tokens,
+                                          sinks=[t.log_predictions for t in trackers],
+                                          every_process=shards_weights(cfg)))
+    return trainer
