@@ -45,3 +45,9 @@ class ModelError(ChattuneError):
 
 class RunDirError(ChattuneError):
     """A run directory is missing files or would be overwritten."""
+
+
+class MergeCheckError(ChattuneError):
+    """The merged model does not reproduce the adapter model's logits."""
+
+    exit_code = 3

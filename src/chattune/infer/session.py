@@ -31,15 +31,11 @@ class Session:
 
 def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
     """The run's tokenizer and template, its base model, and (unless base_only) the trained adapter."""
-    from transformers import AutoTokenizer
-
     run_dir = RunDir(Path(run_path))
     cfg = run_dir.load_config()
     if not base_only:
         run_dir.require_adapter()
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
-    renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
+    renderer = load_run_renderer(run_dir, cfg)
     model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
                                   trust_remote_code=cfg.model.trust_remote_code)
     # cfg.model is the run's own: the base is quantised exactly as in training; model.device_map may spread it.
@@ -51,6 +47,15 @@ def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
         model = PeftModel.from_pretrained(model, str(run_dir.adapter))
     model.eval()
     return Session(model, renderer, cfg, run_dir)
+
+
+def load_run_renderer(run_dir: RunDir, cfg: RunConfig) -> ChatRenderer:
+    """The run's saved tokenizer with the exact training template (honours model.trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
+    return ChatRenderer(tokenizer, cfg.data.template_kwargs)
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
