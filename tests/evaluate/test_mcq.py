@@ -12,6 +12,7 @@ from chattune import cli
 from chattune.data.render import ChatRenderer
 from chattune.errors import DataError
 from chattune.evaluate import mcq
+from chattune.verbs import eval as eval_verb
 
 ANSWERS = "BADCBBCADB"  # 4 x B of 10
 
@@ -162,9 +163,7 @@ def test_wilson_interval_by_hand():
 
 def force_b(monkeypatch):
     """Make every model that `chattune eval` loads prefer the letter B (tuned and base alike)."""
-    from chattune.infer import session as session_mod
-
-    real = session_mod.load_session
+    real = eval_verb.load_session
 
     def load(*a, **k):
         s = real(*a, **k)
@@ -172,7 +171,7 @@ def force_b(monkeypatch):
         prefer(s.model, b_id)
         return s
 
-    monkeypatch.setattr(session_mod, "load_session", load)
+    monkeypatch.setattr(eval_verb, "load_session", load)
 
 
 def test_cli_mcq_with_shots_and_base(tmp_path, tiny_run, monkeypatch, capsys):

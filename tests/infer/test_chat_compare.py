@@ -5,7 +5,7 @@ import io
 import torch
 
 from chattune import cli
-from chattune.verbs import chat
+from chattune.infer.repl import repl
 from chattune.infer.stream import LABELS
 from chattune.infer.generate import generate_batch
 from chattune.infer.session import load_session, with_system
@@ -37,7 +37,7 @@ def test_prompt_compare_base_prints_tuned_then_base(tiny_run, capsys):
 def test_repl_compare_base_keeps_the_adapter_on_for_the_tuned_answers(tiny_run):
     session = load_session(tiny_run)
     out = io.StringIO()
-    chat.repl(session, system=SYSTEM, inp=io.StringIO("Hello there\n/reset\nHello there\n/exit\n"), out=out,
+    repl(session, system=SYSTEM, inp=io.StringIO("Hello there\n/reset\nHello there\n/exit\n"), out=out,
               compare_base=True, **GEN)
     text = out.getvalue()
     # Answers of a random model may span lines: cut the transcript at the labels and prompts instead.

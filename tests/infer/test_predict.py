@@ -10,7 +10,7 @@ import torch
 from chattune import cli
 from chattune.data.formats import load_conversations
 from chattune.errors import DataError
-from chattune.verbs import predict
+from chattune.infer import predict
 from chattune.infer.generate import generate_batch
 from chattune.infer.session import load_session, with_system
 

@@ -7,7 +7,7 @@ import pytest
 
 from chattune import cli
 from chattune.config import ModelConfig
-from chattune.verbs.data_check import histogram, mask_segments
+from chattune.data.check import histogram, mask_segments
 from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer
 from chattune.model.load import load_tokenizer

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from chattune import cli
-from chattune.verbs.data_convert import parse_map, rename_fields
+from chattune.data.convert import parse_map, rename_fields
 from chattune.data.formats import load_conversations, read_records
 from chattune.errors import ConfigError
 

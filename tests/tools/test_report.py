@@ -104,7 +104,8 @@ def test_page_is_self_contained_and_escapes_every_text(tmp_path):
     assert dom.charts["run-0-lr"] == [("learning rate", 8)] and dom.charts["run-0-grad-norm"] == [("grad norm", 8)]
     evals = dom.table("eval")
     assert ["rouge-l", "10.50", "30.75"] in evals[0]["rows"] and ["ci95", "40.0 – 69.0"] in evals[1]["rows"]
-    assert "unfinished" in page, "no summary.json: the run did not finish"
+    # The class name alone is in the page's CSS; the badge itself says the run did not finish (no summary.json).
+    assert '<span class="status-unfinished">unfinished</span>' in page
 
 
 def test_only_base_answers_say_so(tmp_path):
@@ -146,13 +147,9 @@ def test_sweep_folder_expands_to_its_runs_in_order(sweep_dir):
     assert [r.name for r in load_runs([sweep_dir])] == ["r4", "r8"]
 
 
-def test_browser_shows_the_curves_and_the_prediction_table(report_file, sweep_dir, tmp_path):
-    browser = chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
-    dom_text = headless(browser, tmp_path / "dom", "--dump-dom", report_file.as_uri()).stdout
-    dom = Dom(dom_text)
-    # The comparison: one table row and one overlaid loss line per run.
+def assert_page_shows_the_sweep(dom: Dom, sweep_dir: Path) -> None:
+    """The comparison (one row and one overlaid loss line per run), each run's curves with one point per logged
+    step of its metrics.jsonl, and its probe answers before and after training, row for row."""
     (comparison,) = dom.table("comparison")
     assert [r[0] for r in comparison["rows"][1:]] == ["r4", "r8"]
     assert [s for s, _ in dom.charts["compare-loss"]] == ["r4", "r8"]
@@ -174,6 +171,22 @@ def test_browser_shows_the_curves_and_the_prediction_table(report_file, sweep_di
                                     "reference"]
         assert [r[1:] for r in table["rows"][1:]] == [[b["question"], b["answer"], a["answer"], b["reference"]]
                                                      for b, a in zip(before, after)]
+
+
+def test_report_file_holds_every_runs_numbers(report_file, sweep_dir):
+    # Without a browser too: the written page itself, not only that it exists.
+    page = report_file.read_text(encoding="utf-8")
+    assert_page_shows_the_sweep(Dom(page), sweep_dir)
+    assert page.count('<span class="status-finished">finished</span>') == 2, "both runs of the sweep finished"
+    assert '<span class="status-unfinished">' not in page
+
+
+def test_browser_shows_the_curves_and_the_prediction_table(report_file, sweep_dir, tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    dom_text = headless(browser, tmp_path / "dom", "--dump-dom", report_file.as_uri()).stdout
+    assert_page_shows_the_sweep(Dom(dom_text), sweep_dir)
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
     shot.unlink(missing_ok=True)

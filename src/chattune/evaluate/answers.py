@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
 from chattune.config import RunConfig
 from chattune.data.formats import Conversation, load_conversations
 from chattune.data.render import ChatRenderer
@@ -22,8 +24,6 @@ def load_rows(path: str | Path, cfg: RunConfig, *, limit: int | None) -> list[Co
 def answer_rows(model: Any, renderer: ChatRenderer, rows: Sequence[Conversation], *, batch_size: int,
                 max_new_tokens: int, desc: str) -> list[str]:
     """Greedy answers to every row's prompt, with a progress bar (rows, rate, ETA) on stderr."""
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(rows), desc=desc, unit="row", dynamic_ncols=True) as bar:
         return generate_batch(model, renderer, [r.prompt for r in rows], max_new_tokens=max_new_tokens,
                               batch_size=batch_size, progress=bar.update)

@@ -14,6 +14,7 @@ so both sides are always cut the same way.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from typing import Iterable, Sequence
@@ -40,8 +41,6 @@ def parse_metrics(text: str | Iterable[str]) -> list[str]:
 
 def check_installed(metrics: Sequence[str]) -> None:
     """Fail before any model loads when the libraries behind the asked metrics are missing."""
-    import importlib.util
-
     needed = {"bleu": ["nltk", "jieba"], "rouge": ["rouge_chinese", "jieba"]}
     missing = sorted({mod for m in metrics for mod in needed.get(m, []) if importlib.util.find_spec(mod) is None})
     if missing:

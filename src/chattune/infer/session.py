@@ -29,15 +29,6 @@ class Session:
         return self.cfg.data.system
 
 
-def load_run_renderer(run_dir: RunDir, cfg: RunConfig) -> ChatRenderer:
-    """The run's saved tokenizer with the exact template training used (model.trust_remote_code as in training)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
-    return ChatRenderer(tokenizer, cfg.data.template_kwargs)
-
-
 def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
     """The run's tokenizer and template, its base model, and (unless base_only) the trained adapter."""
     run_dir = RunDir(Path(run_path))
@@ -56,6 +47,15 @@ def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
         model = PeftModel.from_pretrained(model, str(run_dir.adapter))
     model.eval()
     return Session(model, renderer, cfg, run_dir)
+
+
+def load_run_renderer(run_dir: RunDir, cfg: RunConfig) -> ChatRenderer:
+    """The run's saved tokenizer with the exact training template (honours model.trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir.tokenizer), trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer.chat_template = run_dir.template_file.read_text(encoding="utf-8")
+    return ChatRenderer(tokenizer, cfg.data.template_kwargs)
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from chattune.files import write_text
 from chattune.report.html import build
 from chattune.report.runs import load_runs
 
@@ -13,7 +14,6 @@ def run(run_dirs: Sequence[str], *, out: str = "report.html") -> Path:
     """Write the HTML report of one or more run directories (or folders holding runs) to `out`."""
     runs = load_runs(run_dirs)
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build(runs), encoding="utf-8")
+    write_text(path, build(runs))
     print(f"wrote {path} ({len(runs)} run{'s' if len(runs) != 1 else ''}; self-contained, open it in any browser)")
     return path

@@ -1,0 +1,221 @@
+"""What `chattune data check` finds in the data, as numbers: files read, invalid rows, duplicates, token lengths, label masks.
+
+Pure analysis: the caller loads the tokenizer (model.load) and draws figures (report.plots); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from chattune.config import RunConfig
+from chattune.data.formats import Conversation, detect_format, to_conversation
+from chattune.data.render import IGNORE, ChatRenderer, RenderStats, Sample, render_all
+from chattune.data.stream import BadRecord, iter_records
+from chattune.errors import DataError
+
+@dataclass
+class FileReport:
+    """One data file: records read, usable, invalid; or why it could not be read at all."""
+
+    path: str
+    role: str
+    rows: int = 0
+    valid: int = 0
+    invalid: list[tuple[str, str]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class LengthStats:
+    """Token counts per sample before max_length: all tokens, prompt tokens, supervised (answer) tokens."""
+
+    total: list[int]
+    prompt: list[int]
+    supervised: list[int]
+
+    def percentiles(self) -> dict[str, dict[str, float]]:
+        """min / mean / p50 / p90 / p99 / max of each count."""
+        return {name: _summary(values) for name, values in asdict(self).items()}
+
+
+@dataclass
+class CheckReport:
+    """Everything `data check` found; written to check.json."""
+
+    files: list[FileReport]
+    conversations: int
+    duplicates: list[list[str]]
+    conflicts: list[list[str]]
+    max_length: int
+    overlength: str
+    render: dict[str, Any]
+    lengths: dict[str, dict[str, float]]
+    lost_response_samples: int
+    lost_response_tokens: int
+    histogram: list[tuple[int, int, int]]
+    png: str | None = None
+
+
+@dataclass
+class Rendered:
+    """The conversations rendered twice: whole (for the lengths) and as training will cut them (for the counts)."""
+
+    full: list[Sample]
+    stats: RenderStats
+    lengths: LengthStats
+
+
+def render_both(renderer: ChatRenderer, conversations: Sequence[Conversation], cfg: RunConfig) -> Rendered:
+    """Render without a length limit and with data.max_length / data.overlength, as training would."""
+    d = cfg.data
+    full, _ = render_all(renderer, conversations, max_length=1 << 62, train_on=d.train_on)
+    _, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
+    return Rendered(full, stats, sample_lengths(full))
+
+
+def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequence[Conversation], rendered: Rendered,
+                 bins: int) -> CheckReport:
+    """Every number of the check in one CheckReport (the png is added once it is drawn)."""
+    d = cfg.data
+    duplicates, conflicts = find_duplicates(conversations)
+    lost_samples, lost_tokens = lost_response(rendered.full, d.max_length) if d.overlength == "truncate" else (0, 0)
+    return CheckReport(files=files, conversations=len(conversations), duplicates=duplicates, conflicts=conflicts,
+                       max_length=d.max_length, overlength=d.overlength, render=asdict(rendered.stats),
+                       lengths=rendered.lengths.percentiles(), lost_response_samples=lost_samples,
+                       lost_response_tokens=lost_tokens, histogram=histogram(rendered.lengths.total, bins))
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
+    """Read every train and eval file record by record, keeping the good ones and noting each bad one."""
+    d = cfg.data
+    files: list[FileReport] = []
+    conversations: list[Conversation] = []
+    for role, paths in (("train", d.train), ("eval", d.eval)):
+        for path in paths:
+            rep = FileReport(path=str(path), role=role)
+            files.append(rep)
+            fmt = None if d.format == "auto" else d.format
+            try:
+                for rec in iter_records(path):
+                    if role == "train" and d.limit and len(conversations) >= d.limit:
+                        break  # training reads no further (data.limit)
+                    rep.rows += 1
+                    if isinstance(rec, BadRecord):
+                        rep.invalid.append((rec.where, rec.reason))
+                        continue
+                    try:
+                        fmt = fmt or detect_format(rec.data, rec.where)
+                        conv = to_conversation(rec.data, rec.where, fmt, system=d.system, instruction_as=d.instruction_as)
+                    except DataError as exc:
+                        rep.invalid.append((rec.where, exc.what))
+                        continue
+                    rep.valid += 1
+                    if role == "train":
+                        conversations.append(conv)
+            except DataError as exc:
+                rep.error = exc.render()
+    return files, conversations
+
+
+def find_duplicates(conversations: Sequence[Conversation]) -> tuple[list[list[str]], list[list[str]]]:
+    """(groups of identical conversations, groups with the same prompt but different answers), as locations."""
+    same: dict[str, list[str]] = defaultdict(list)
+    prompts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for c in conversations:
+        same[json.dumps(c.messages, ensure_ascii=False)].append(c.where)
+        prompts[json.dumps(c.prompt, ensure_ascii=False)][c.reference].append(c.where)
+    duplicates = [w for w in same.values() if len(w) > 1]
+    conflicts = [[ws[0] for ws in answers.values()] for answers in prompts.values() if len(answers) > 1]
+    return duplicates, conflicts
+
+
+def default_out(cfg: RunConfig) -> Path:
+    """runs/data_check/<run name>: beside the run directory, never inside it (train may replace that)."""
+    root = Path(cfg.output_dir)
+    return root.parent / "data_check" / root.name
+
+
+# ---------------------------------------------------------------------------
+# numbers
+
+
+def sample_lengths(samples: Sequence[Sample]) -> LengthStats:
+    """Total, prompt and supervised token counts of each (untruncated) sample."""
+    sup = [sum(l != IGNORE for l in s.labels) for s in samples]
+    total = [len(s.input_ids) for s in samples]
+    return LengthStats(total=total, prompt=[t - k for t, k in zip(total, sup)], supervised=sup)
+
+
+def lost_response(samples: Sequence[Sample], max_length: int) -> tuple[int, int]:
+    """(samples that lose supervised tokens, supervised tokens lost) when cut at max_length."""
+    lost = [sum(l != IGNORE for l in s.labels[max_length:]) for s in samples]
+    return sum(1 for n in lost if n), sum(lost)
+
+
+def histogram(values: Sequence[int], bins: int) -> list[tuple[int, int, int]]:
+    """Equal-width bins as (low, high, count), high exclusive; widths rounded to whole tokens."""
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    counts = [0] * (-(-(hi - lo + 1) // width))
+    for v in values:
+        counts[(v - lo) // width] += 1
+    return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
+
+
+def _summary(values: Sequence[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    s = sorted(values)
+
+    def pct(p: float) -> int:
+        return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": s[-1]}
+
+
+# ---------------------------------------------------------------------------
+# the label mask, as runs of tokens
+
+
+@dataclass
+class Segment:
+    """A run of tokens with one label status: its text, whether it is supervised, cut by max_length, or elided."""
+
+    text: str
+    supervised: bool
+    cut: bool = False
+    elided: bool = False
+
+
+def mask_segments(tokenizer: Any, sample: Sample, max_length: int, edge: int | None = None) -> list[Segment]:
+    """The sample as runs of tokens with one label status, decoded without hiding special tokens.
+
+    With edge, a long sample keeps its first and last `edge` tokens and one elided Segment stands for the middle.
+    """
+    ids, labels = sample.input_ids, sample.labels
+    n = len(ids)
+    clip = edge is not None and n > 2 * edge
+    bounds = {max_length, *((edge, n - edge) if clip else ())}
+    out: list[Segment] = []
+    start = 0
+    for i in range(1, n + 1):
+        if i < n and (labels[i] != IGNORE) == (labels[start] != IGNORE) and i not in bounds:
+            continue
+        if clip and edge <= start < n - edge:
+            if not out or not out[-1].elided:
+                out.append(Segment(f" [… {n - 2 * edge} tokens …] ", False, elided=True))
+        else:
+            out.append(Segment(tokenizer.decode(ids[start:i], skip_special_tokens=False), labels[start] != IGNORE,
+                               cut=start >= max_length))
+        start = i
+    return out
