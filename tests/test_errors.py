@@ -150,7 +150,7 @@ def test_eval_metrics(monkeypatch, metric, module):
 
 
 def test_deepspeed(monkeypatch, tmp_path):
-    from chattune.train.distributed import check_supported
+    from chattune.train.engines import check_supported
 
     absent(monkeypatch, "deepspeed")
     with expect("pip install 'chattune[deepspeed]'", where="train.distributed"):
