@@ -9,6 +9,7 @@ import torch
 
 from chattune.infer.session import Session, load_session, with_system
 from chattune.infer.stream import answer_both, stream_answer, stream_labelled
+from chattune.options import CHAT
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits"
 
@@ -68,7 +69,8 @@ def repl(session: Session, *, system: str | None, inp: TextIO | None = None, out
         history.append({"role": "assistant", "content": "".join(parts).strip()})
 
 
-def run(run_path: str, *, prompt: str | None = None, system: str | None = None, compare_base: bool = False, **gen) -> None:
+def run(run_path: str, *, prompt: str | None = CHAT.prompt, system: str | None = CHAT.system,
+        compare_base: bool = CHAT.compare_base, **gen) -> None:
     """Entry point of `chattune chat`."""
     # A context, not torch.set_grad_enabled(False): a global switch would outlive the call (and break a later
     # training in the same process, e.g. in tests). Generation threads use inference_mode themselves.

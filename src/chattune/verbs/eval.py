@@ -25,6 +25,7 @@ from chattune.evaluate import answers as gen
 from chattune.evaluate import mcq as mc
 from chattune.evaluate.metrics import KEYS, check_installed, parse_metrics
 from chattune.files import write_json
+from chattune.options import EVAL
 from chattune.rundir import RunDir
 
 log = logging.getLogger("chattune")
@@ -33,9 +34,9 @@ LABELS = {"bleu-4": "BLEU-4", "rouge-1": "ROUGE-1", "rouge-2": "ROUGE-2", "rouge
           "exact": "exact match", "answer_chars": "answer length (chars)"}
 
 
-def run(run_dir: str | Path, *, data: str | None = None, mcq: str | None = None, metrics: str = "bleu,rouge,exact",
-        compare_base: bool = False, limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
-        shots: int = 0, name: str | None = None) -> list[Path]:
+def run(run_dir: str | Path, *, data: str | None = EVAL.data, mcq: str | None = EVAL.mcq, metrics: str = EVAL.metrics,
+        compare_base: bool = EVAL.compare_base, limit: int | None = EVAL.limit, batch_size: int = EVAL.batch_size,
+        max_new_tokens: int = EVAL.max_new_tokens, shots: int = EVAL.shots, name: str | None = EVAL.name) -> list[Path]:
     """Score a run on a data file (generation metrics) and/or a multiple-choice file; returns the result files."""
     check_options(data=data, mcq=mcq, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=shots,
                   name=name)

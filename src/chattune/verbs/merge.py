@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from chattune.errors import ChattuneError, ConfigError, RunDirError
+from chattune.options import MERGE
 
 INFO_FILE = "chattune.json"  # also marks a folder as ours: a later merge may replace it
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,7 +49,7 @@ class MergeCheckError(ChattuneError):
     exit_code = 3
 
 
-def run(run_dir: str, *, out: str, dtype: str = "auto", max_shard_size: str = "2GB") -> Path:
+def run(run_dir: str, *, out: str, dtype: str = MERGE.dtype, max_shard_size: str = MERGE.max_shard_size) -> Path:
     """Entry point of `chattune merge`: merge, write atomically, verify the logits, report."""
     from chattune.rundir import RunDir
 

@@ -22,6 +22,7 @@ from typing import Any
 from chattune.data.formats import Conversation, load_conversations
 from chattune.errors import DataError
 from chattune.infer.generate import generate_batch
+from chattune.options import PREDICT
 
 log = logging.getLogger("chattune")
 
@@ -137,8 +138,9 @@ def predict_rows(model: Any, renderer: Any, rows: list[Row], out: Path, *, batch
     return written
 
 
-def run(run_dir: str, *, data: str, out: str, batch_size: int = 8, max_new_tokens: int = 512, do_sample: bool = False,
-        temperature: float = 0.7, top_p: float = 0.9) -> Path:
+def run(run_dir: str, *, data: str, out: str, batch_size: int = PREDICT.batch_size,
+        max_new_tokens: int = PREDICT.max_new_tokens, do_sample: bool = PREDICT.sample,
+        temperature: float = PREDICT.temperature, top_p: float = PREDICT.top_p) -> Path:
     """Entry point of `chattune predict`."""
     from tqdm.auto import tqdm
 

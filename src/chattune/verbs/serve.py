@@ -29,11 +29,12 @@ from typing import Any, Iterator
 import torch
 
 from chattune.errors import ModelError
+from chattune.options import GENERATION, SERVE
 
 log = logging.getLogger("chattune")
 
 _DRAIN_LIMIT = 64 * 2**20  # refused bodies up to this size are read and dropped before answering
-DEFAULT_MAX_TOKENS = 512  # what `chattune chat` uses when a request names no max_tokens
+DEFAULT_MAX_TOKENS = GENERATION.max_new_tokens  # what `chattune chat` uses when a request names no max_tokens
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -253,8 +254,8 @@ class ApiError(Exception):
 class Limits:
     """What one request may ask for."""
 
-    max_tokens: int = 2048
-    max_body_bytes: int = 1_000_000
+    max_tokens: int = SERVE.max_tokens_limit
+    max_body_bytes: int = SERVE.max_body_bytes
 
 
 def parse_messages(raw: Any) -> list[dict[str, str]]:
@@ -529,8 +530,8 @@ def _unauthorised() -> ApiError:
 # entry point
 
 
-def make_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                max_tokens_limit: int = 2048, max_body_bytes: int = 1_000_000) -> Server:
+def make_server(engine: Engine, *, host: str = SERVE.host, port: int = SERVE.port, api_key: str | None = SERVE.api_key,
+                max_tokens_limit: int = SERVE.max_tokens_limit, max_body_bytes: int = SERVE.max_body_bytes) -> Server:
     """A bound server ready for serve_forever() (port 0 picks a free port: see server.server_address)."""
     from chattune.errors import ConfigError
 
@@ -542,8 +543,8 @@ def make_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, ap
                           fix="choose another --port, or stop what is using it") from None
 
 
-def run(path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        max_tokens_limit: int = 2048, max_body_bytes: int = 1_000_000) -> None:
+def run(path: str, *, host: str = SERVE.host, port: int = SERVE.port, api_key: str | None = SERVE.api_key,
+        max_tokens_limit: int = SERVE.max_tokens_limit, max_body_bytes: int = SERVE.max_body_bytes) -> None:
     """Entry point of `chattune serve`: load once, then answer until interrupted."""
     engine = load_engine(path)
     server = make_server(engine, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit,
