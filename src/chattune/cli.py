@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from typing import Callable
+import warnings
+from typing import Any, Callable, Iterable
 
 from chattune import options
 from chattune.errors import ChattuneError
@@ -113,10 +115,13 @@ def _report(args: argparse.Namespace) -> None:
 def _keys(args: argparse.Namespace) -> None:
     from chattune.config import iter_keys
 
-    for key, default, help_ in iter_keys():
-        print(f"{key:34} {default!r:>16}  {help_}")
+    _print_keys(iter_keys())
     print("\noptions of the verbs (chattune VERB --option-name VALUE, e.g. chattune serve RUN_DIR --port 8080):")
-    for key, default, help_ in options.iter_keys():
+    _print_keys(options.iter_keys())
+
+
+def _print_keys(keys: Iterable[tuple[str, Any, str]]) -> None:
+    for key, default, help_ in keys:
         print(f"{key:34} {default!r:>16}  {help_}")
 
 
@@ -235,12 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Library warnings a chattune user can do nothing about: (category, module that warns, start of the message).
+# Seen with `python -W default -m chattune.cli --debug` on `train configs/demo.yaml` and `chat RUN --prompt`;
+# every other warning is shown, and --debug shows these too.
+NOISY_WARNINGS: list[tuple[type[Warning], str, str]] = [
+    # peft's get_peft_model reads the deprecated property (transformers 5 renamed it); once per model load.
+    (FutureWarning, "transformers.modeling_utils", "`is_gradient_checkpointing` is deprecated"),
+    # a library decorates its modules with torch.jit.script_method at import time.
+    (DeprecationWarning, "torch.jit._script", "`torch.jit.script_method` is deprecated"),
+]
+
+
+def _filter_noisy_warnings() -> None:
+    for category, module, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=re.escape(module) + r"\Z")
+
+
 def _quiet_libraries() -> None:
     # Library chatter (deprecation notes, tokenizer hints) buries our own messages.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    _filter_noisy_warnings()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
