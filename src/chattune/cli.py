@@ -241,12 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Library warnings a chattune user can do nothing about: (category, module that warns, start of the message).
-# Seen with `python -W default -m chattune.cli --debug` on `train configs/demo.yaml` and `chat RUN --prompt`;
-# every other warning is shown, and --debug shows these too.
+# The complete list seen with every warning shown (`python -W default`, --debug) in `train configs/demo.yaml`,
+# `chat RUN --prompt`, `eval` and `merge`. Any other warning is shown; --debug shows these too.
 NOISY_WARNINGS: list[tuple[type[Warning], str, str]] = [
-    # peft's get_peft_model reads the deprecated property (transformers 5 renamed it); once per model load.
+    # peft reads the property transformers renamed to is_activation_checkpointing; once per model load.
     (FutureWarning, "transformers.modeling_utils", "`is_gradient_checkpointing` is deprecated"),
-    # a library decorates its modules with torch.jit.script_method at import time.
+    # importing peft imports bitsandbytes, whose torch.compile loads torch/utils/mkldnn.py: 14 of these.
     (DeprecationWarning, "torch.jit._script", "`torch.jit.script_method` is deprecated"),
 ]
 
