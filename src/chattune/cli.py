@@ -1,4 +1,7 @@
-"""Command line: argument parsing only; each verb calls one function."""
+"""Command line: argument parsing only; each verb calls one function.
+
+The options of chat, eval, predict, merge and serve are typed in chattune.options, which builds them here.
+"""
 
 from __future__ import annotations
 
@@ -252,6 +255,7 @@ NOISY_WARNINGS: list[tuple[type[Warning], str, str]] = [
 
 
 def _filter_noisy_warnings() -> None:
+    """Hide NOISY_WARNINGS, each matched by category, exact module name and message start."""
     for category, module, message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=re.escape(module) + r"\Z")
 
