@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Library warnings a chattune user can do nothing about: (category, module that warns, start of the message).
 # The complete list seen with every warning shown (`python -W default`, --debug) in `train configs/demo.yaml`,
-# `chat RUN --prompt`, `eval` and `merge`. Any other warning is shown; --debug shows these too.
+# `chat RUN --prompt`, `eval`, `merge`, and training with model.quantization=4bit and 8bit. Any other warning
+# is shown; --debug shows these too.
 NOISY_WARNINGS: list[tuple[type[Warning], str, str]] = [
     # peft reads the property transformers renamed to is_activation_checkpointing; once per model load.
     (FutureWarning, "transformers.modeling_utils", "`is_gradient_checkpointing` is deprecated"),
