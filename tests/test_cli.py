@@ -1,4 +1,4 @@
-"""The command line: `chattune keys`, warnings (known noise filtered, the rest shown), answers without torch."""
+"""The command line: `chattune keys`, warnings (known noise filtered, the rest shown), quick answers without torch."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ import pytest
 from chattune import cli, config, options
 
 SRC = Path(cli.__file__).resolve().parents[1]
+QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")  # what cli.main sets before transformers loads
+
+
+@pytest.fixture(autouse=True)
+def _restore_quiet_env(monkeypatch):
+    for name in QUIET_ENV:
+        monkeypatch.delenv(name, raising=False)  # and put back as it was after the test
 
 
 def keys_output(capsys) -> list[str]:
@@ -38,12 +45,23 @@ def test_every_chattune_command_named_in_the_sources_exists():
     assert named and named <= set(sub.choices), named - set(sub.choices)
 
 
-def test_help_and_keys_answer_without_importing_torch():
-    code = ("import sys; from chattune import cli; cli.main(['--debug', 'keys']); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+def run_python(code: str) -> None:
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_keys_and_config_errors_answer_without_importing_torch_or_transformers():
+    run_python("import sys; from chattune import cli\n"
+               "assert cli.main(['keys']) == 0 and cli.main(['train', 'missing.yaml']) == 2\n"
+               "assert not {'torch', 'transformers'} & set(sys.modules), 'imported'")
+
+
+def test_transformers_loaded_later_is_still_quiet():
+    run_python("import logging; from chattune import cli\n"
+               "cli.main(['keys'])\n"
+               "from transformers.utils import logging as hf_logging\n"
+               "assert hf_logging.get_verbosity() == logging.ERROR and not hf_logging.is_progress_bar_enabled()")
 
 
 # --- warnings -------------------------------------------------------------------------------------------
