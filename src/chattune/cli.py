@@ -1,14 +1,22 @@
-"""Command line: argument parsing only; each verb calls one function."""
+"""Command line: argument parsing only; each verb calls one function.
+
+The options of chat, eval, predict, merge and serve are typed in chattune.options, which builds them here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
-from typing import Callable
+import warnings
+from typing import Any, Callable, Iterable
 
+from chattune import options
 from chattune.errors import ChattuneError
+
+# Each handler imports its verb when it runs: `chattune --help`, `keys` and config errors answer without importing torch.
 
 
 def _train(args: argparse.Namespace) -> int | None:
@@ -102,23 +110,20 @@ def _report(args: argparse.Namespace) -> None:
 def _keys(args: argparse.Namespace) -> None:
     from chattune.config import iter_keys
 
-    for key, default, help_ in iter_keys():
+    _print_keys(iter_keys())
+    print("\noptions of the verbs (chattune VERB --option-name VALUE, e.g. chattune serve RUN_DIR --port 8080):")
+    _print_keys(options.iter_keys())
+
+
+def _print_keys(keys: Iterable[tuple[str, Any, str]]) -> None:
+    for key, default, help_ in keys:
         print(f"{key:34} {default!r:>16}  {help_}")
 
 
-def _generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --sample)")
+RUN_DIR_HELP = "a run directory written by `chattune train`"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `chattune` argument parser with one sub-command per verb."""
-    p = argparse.ArgumentParser(prog="chattune", description="Fine-tune chat LLMs with LoRA / QLoRA from one YAML file.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune a model as a config says")
     t.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train.epochs=2 lora.r=64")
@@ -131,51 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with N processes on this machine (one per GPU; gloo on CPU) through torchrun; same as train.nproc=N")
     t.set_defaults(func=_train)
 
+
+def _add_run_users(sub: argparse._SubParsersAction) -> None:
+    """chat, eval, predict, merge, serve: their options come from chattune.options, typed once there."""
     c = sub.add_parser("chat", help="chat with a trained run (streaming, multi-turn)")
-    c.add_argument("run_dir", help="a run directory written by `chattune train`")
-    c.add_argument("--prompt", help="answer this one prompt, print only the answer, and exit")
-    c.add_argument("--system", help="system prompt (default: the one used in training)")
-    _generation_options(c)
-    c.add_argument("--compare-base", action="store_true", help="show the base model's answer beside the tuned one")
+    c.add_argument("run_dir", help=RUN_DIR_HELP)
+    options.add_arguments(c, options.ChatOptions)
     c.set_defaults(func=_chat)
 
     e = sub.add_parser("eval", help="score a run: generation metrics and/or multiple-choice accuracy")
-    e.add_argument("run_dir", help="a run directory written by `chattune train`")
-    e.add_argument("--data", help="rows to answer and score against their reference answers")
-    e.add_argument("--mcq", help="multiple-choice file (question, options A-D or a list, answer letter)")
-    e.add_argument("--metrics", default="bleu,rouge,exact", help="comma list of: bleu, rouge, exact")
-    e.add_argument("--compare-base", action="store_true", help="score the base model on the same rows too")
-    e.add_argument("--limit", type=int, help="use only the first N rows")
-    e.add_argument("--batch-size", type=int, default=8, help="rows generated or scored together")
-    e.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
-    e.add_argument("--shots", type=int, default=0, help="multiple choice: worked examples placed before each question")
-    e.add_argument("--name", help="result name under RUN_DIR/eval/ (default: the data file's stem)")
+    e.add_argument("run_dir", help=RUN_DIR_HELP)
+    options.add_arguments(e, options.EvalOptions)
     e.set_defaults(func=_eval)
 
     pr = sub.add_parser("predict", help="answer every row of a data file (batched, resumable)")
-    pr.add_argument("run_dir", help="a run directory written by `chattune train`")
+    pr.add_argument("run_dir", help=RUN_DIR_HELP)
     pr.add_argument("--data", required=True, help="rows to answer")
     pr.add_argument("--out", required=True, help="JSON-lines output; rows already there are not generated again")
-    pr.add_argument("--batch-size", type=int, default=8, help="rows generated together")
-    _generation_options(pr)
+    options.add_arguments(pr, options.PredictOptions)
     pr.set_defaults(func=_predict)
 
     m = sub.add_parser("merge", help="merge the adapter into the base model and verify the logits")
-    m.add_argument("run_dir", help="a run directory written by `chattune train`")
+    m.add_argument("run_dir", help=RUN_DIR_HELP)
     m.add_argument("--out", required=True, help="folder for the merged model")
-    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="dtype of the merged weights (auto: the base's own)")
-    m.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
+    options.add_arguments(m, options.MergeOptions)
     m.set_defaults(func=_merge)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or a merged model")
     s.add_argument("path", help="a run directory or a merged model folder")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port")
-    s.add_argument("--api-key", help="require this bearer key (or set CHATTUNE_API_KEY)")
-    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
-    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
+    options.add_arguments(s, options.ServeOptions)
     s.set_defaults(func=_serve)
 
+
+def _add_tools(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("dashboard", help="open the local SwanLab dashboard of a run or project folder")
     d.add_argument("path", help="a run directory or the folder holding several runs")
     d.add_argument("--port", type=int, default=5092, help="TCP port on 127.0.0.1")
@@ -186,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("out_dir", help="the folder to write")
     g.set_defaults(func=_import_gguf)
 
-    k = sub.add_parser("keys", help="list every config key with its default and help")
+    k = sub.add_parser("keys", help="list every config key, and every option of the verbs, with its default and help")
     k.set_defaults(func=_keys)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
     dt = sub.add_parser("data", help="convert data files between layouts; check data as training will see it")
     dsub = dt.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     dc = dsub.add_parser("convert", help="convert records to alpaca, messages or sharegpt (.json, .jsonl, .parquet)")
@@ -211,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     dk.add_argument("--out", help="folder for check.json and token_lengths.png (default: <output_dir>/../data_check/<name>)")
     dk.set_defaults(func=_data_check)
 
+
+def _add_sweep_report(sub: argparse._SubParsersAction) -> None:
     sw = sub.add_parser("sweep", help="train every combination of a grid of config values and compare the runs")
     sw.add_argument("config", help="YAML config; its sweep.grid (if any) is the grid, --grid adds to it or replaces keys")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys for every run")
@@ -226,22 +223,58 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding runs (a sweep's output_dir)")
     rp.add_argument("--out", default="report.html", help="HTML file to write")
     rp.set_defaults(func=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `chattune` argument parser with one sub-command per verb."""
+    p = argparse.ArgumentParser(prog="chattune", description="Fine-tune chat LLMs with LoRA / QLoRA from one YAML file.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in (_add_train, _add_run_users, _add_tools, _add_data, _add_sweep_report):
+        add(sub)
     return p
+
+
+# Library warnings a chattune user can do nothing about: (category, module that warns, start of the message).
+# The complete list seen with every warning shown (`python -W default`, --debug) in `train configs/demo.yaml`,
+# `chat RUN --prompt`, `eval`, `merge`, and training with model.quantization=4bit and 8bit. Any other warning
+# is shown; --debug shows these too.
+NOISY_WARNINGS: list[tuple[type[Warning], str, str]] = [
+    # peft reads the property transformers renamed to is_activation_checkpointing; once per model load.
+    (FutureWarning, "transformers.modeling_utils", "`is_gradient_checkpointing` is deprecated"),
+    # importing peft imports bitsandbytes, whose torch.compile loads torch/utils/mkldnn.py: 14 of these.
+    (DeprecationWarning, "torch.jit._script", "`torch.jit.script_method` is deprecated"),
+]
+
+
+def _filter_noisy_warnings() -> None:
+    """Hide NOISY_WARNINGS, each matched by category, exact module name and message start."""
+    for category, module, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=re.escape(module) + r"\Z")
 
 
 def _quiet_libraries() -> None:
     # Library chatter (deprecation notes, tokenizer hints) buries our own messages.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    _filter_noisy_warnings()
+    _quiet_transformers()
     # bitsandbytes warns at import that the optional `kernels` package is missing (its own CPU kernels work)
     # and, in 8-bit, on every matmul that bf16 inputs are cast to fp16: thousands of lines per run.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _quiet_transformers() -> None:
+    """transformers logs errors only, and neither it nor huggingface_hub draws progress bars."""
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:  # loaded already: tell them directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    else:
+        # Read when they load. Importing transformers.utils here only to set this took 2.5 s of the 3.3 s that
+        # `chattune keys` or a config error took (measured), and those never load transformers.
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def main(argv: list[str] | None = None, *, entry: Callable[[argparse.Namespace], None] | None = None) -> int:

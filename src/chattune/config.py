@@ -1,8 +1,8 @@
 """The one typed config tree: YAML + key=value overrides -> RunConfig.
 
-Defaults live in the schema; every field has one line of help (shown by
-`chattune config --help-keys`). Validation happens once, here, and reports every
-problem at once with its key path and a suggestion.
+Defaults live in the schema; every field has one line of help (`chattune keys`
+lists every key with its default and help). Validation happens once, here, and
+reports every problem at once with its key path and a suggestion.
 """
 
 from __future__ import annotations

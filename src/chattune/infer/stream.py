@@ -13,12 +13,14 @@ from typing import Any, Iterator, TextIO
 
 from chattune.infer.generate import inference_mode, left_pad
 from chattune.infer.session import Session
+from chattune.options import GENERATION
 
 LABELS = ("tuned> ", "base>  ")
 
 
-def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_tokens: int = 512,
-                  do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
+def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_tokens: int = GENERATION.max_new_tokens,
+                  do_sample: bool = GENERATION.sample, temperature: float = GENERATION.temperature,
+                  top_p: float = GENERATION.top_p) -> Iterator[str]:
     """Yield the answer's text piece by piece as it is generated; stops at an end-of-turn token."""
     from transformers import TextIteratorStreamer
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from chattune.infer.session import with_system
+from chattune.options import GENERATION
 from chattune.serve.engine import Engine
 from chattune.serve.worker import Completion
 
-DEFAULT_MAX_TOKENS = 512  # what `chattune chat` uses when a request names no max_tokens
+DEFAULT_MAX_TOKENS = GENERATION.max_new_tokens  # what `chattune chat` uses when a request names no max_tokens
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 

@@ -6,9 +6,11 @@ import torch
 
 from chattune.infer.repl import answer_once, repl
 from chattune.infer.session import load_session
+from chattune.options import CHAT
 
 
-def run(run_path: str, *, prompt: str | None = None, system: str | None = None, compare_base: bool = False, **gen) -> None:
+def run(run_path: str, *, prompt: str | None = CHAT.prompt, system: str | None = CHAT.system,
+        compare_base: bool = CHAT.compare_base, **gen) -> None:
     """Entry point of `chattune chat`."""
     # A context, not torch.set_grad_enabled(False): a global switch would outlive the call (and break a later
     # training in the same process, e.g. in tests). Generation threads use inference_mode themselves.

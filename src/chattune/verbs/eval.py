@@ -19,13 +19,14 @@ from chattune.evaluate.results import common_fields, log_to_trackers, open_track
 from chattune.evaluate.tasks import EvalTask, generation_task, mcq_task, variants
 from chattune.infer.session import load_session
 from chattune.rundir import RunDir
+from chattune.options import EVAL
 
 log = logging.getLogger("chattune")
 
 
-def run(run_dir: str | Path, *, data: str | None = None, mcq: str | None = None, metrics: str = "bleu,rouge,exact",
-        compare_base: bool = False, limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
-        shots: int = 0, name: str | None = None) -> list[Path]:
+def run(run_dir: str | Path, *, data: str | None = EVAL.data, mcq: str | None = EVAL.mcq, metrics: str = EVAL.metrics,
+        compare_base: bool = EVAL.compare_base, limit: int | None = EVAL.limit, batch_size: int = EVAL.batch_size,
+        max_new_tokens: int = EVAL.max_new_tokens, shots: int = EVAL.shots, name: str | None = EVAL.name) -> list[Path]:
     """Score a run on a data file (generation metrics) and/or a multiple-choice file; returns the result files."""
     check_options(data=data, mcq=mcq, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, shots=shots,
                   name=name)

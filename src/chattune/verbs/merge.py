@@ -23,9 +23,10 @@ from chattune.files import atomic_dir
 from chattune.infer.session import load_run_renderer
 from chattune.model.sources import resolve_model_dir
 from chattune.rundir import RunDir
+from chattune.options import MERGE
 
 
-def run(run_dir: str, *, out: str, dtype: str = "auto", max_shard_size: str = "2GB") -> Path:
+def run(run_dir: str, *, out: str, dtype: str = MERGE.dtype, max_shard_size: str = MERGE.max_shard_size) -> Path:
     """Entry point of `chattune merge`: merge, write atomically, verify the logits, report."""
     rd = RunDir(Path(run_dir))
     cfg = rd.load_config()

@@ -18,12 +18,14 @@ from chattune.errors import DataError
 from chattune.infer.predict import load_rows, predict_rows, read_done, write_sorted
 from chattune.infer.session import load_session
 from chattune.rundir import RunDir
+from chattune.options import PREDICT
 
 log = logging.getLogger("chattune")
 
 
-def run(run_dir: str, *, data: str, out: str, batch_size: int = 8, max_new_tokens: int = 512, do_sample: bool = False,
-        temperature: float = 0.7, top_p: float = 0.9) -> Path:
+def run(run_dir: str, *, data: str, out: str, batch_size: int = PREDICT.batch_size,
+        max_new_tokens: int = PREDICT.max_new_tokens, do_sample: bool = PREDICT.sample,
+        temperature: float = PREDICT.temperature, top_p: float = PREDICT.top_p) -> Path:
     """Entry point of `chattune predict`."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})", fix="e.g. --batch-size 8")

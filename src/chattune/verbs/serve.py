@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from chattune.options import SERVE
 from chattune.serve.engine import load_engine
 from chattune.serve.server import bind_server
 
@@ -23,8 +24,8 @@ log = logging.getLogger("chattune")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def run(path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-        max_tokens_limit: int = 2048, max_body_bytes: int = 1_000_000) -> None:
+def run(path: str, *, host: str = SERVE.host, port: int = SERVE.port, api_key: str | None = SERVE.api_key,
+        max_tokens_limit: int = SERVE.max_tokens_limit, max_body_bytes: int = SERVE.max_body_bytes) -> None:
     """Entry point of `chattune serve`: load once, then answer until interrupted."""
     engine = load_engine(path)
     server = bind_server(engine, host=host, port=port, api_key=api_key, max_tokens_limit=max_tokens_limit,
