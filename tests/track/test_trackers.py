@@ -76,7 +76,7 @@ def test_prediction_text_holds_question_answer_and_ground_truth():
 
 
 def test_probes_come_from_eval_rows_when_there_are_some(tmp_path):
-    from chattune.verbs.train import split_probes
+    from chattune.train.inputs import split_probes
 
     conv = lambda i: Conversation([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], f"f:{i}")
     train, evals = [conv(i) for i in range(5)], [conv(i) for i in range(10, 13)]

@@ -22,7 +22,7 @@ from chattune.rundir import RunDir, prepare_run_dir
 from chattune.train import launcher, records
 from chattune.train import resume as resume_mod
 from chattune.train.adapter import save_adapter
-from chattune.train.inputs import prepare_data, split_probes  # noqa: F401  (split_probes: tests/track imports it here)
+from chattune.train.inputs import prepare_data
 from chattune.train.interrupt import stop_if_interrupted, train_interruptibly
 from chattune.train.processes import is_main_process, main_process_first
 from chattune.train.trainer import build_trainer  # a module global: tests/distributed/worker.py wraps it
