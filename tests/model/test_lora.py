@@ -45,7 +45,14 @@ def test_qkv_adapters_share_one_mask_and_o_does_not(tiny_model_dir):
     assert torch.equal(seen["gate_proj"], seen["up_proj"])
     zeros = (seen["q_proj"] == 0).float().mean().item()
     assert 0.35 < zeros < 0.65, "half of the inputs dropped with p=0.5"
-    assert seen["o_proj"].shape != seen["q_proj"].shape or not torch.equal(seen["o_proj"], seen["q_proj"])
+    # The mask is what is shared, so compare where the zeros are, not the values: o_proj reads another
+    # tensor, so equal values would prove nothing, but an equal zero pattern would mean q's mask was reused.
+    dropped = {name: x == 0 for name, x in seen.items()}
+    assert torch.equal(dropped["q_proj"], dropped["k_proj"]) and torch.equal(dropped["q_proj"], dropped["v_proj"])
+    assert torch.equal(dropped["gate_proj"], dropped["up_proj"])
+    assert dropped["o_proj"].shape == dropped["q_proj"].shape, "same width, so the patterns are comparable"
+    assert not torch.equal(dropped["o_proj"], dropped["q_proj"]), "o_proj reads another input: its own mask"
+    assert not torch.equal(dropped["gate_proj"], dropped["q_proj"]), "the MLP's input gets a mask of its own"
 
 
 def test_eval_mode_drops_nothing(tiny_model_dir):
