@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,12 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 # Any text a person could write, except lone surrogates (not encodable as UTF-8) and the template's own
 # control tokens ("<|im_end|>" inside an answer would end the turn: that is the tokenizer's rule, not ours).
-# Whitespace, punctuation and CJK are drawn often: they are where tokenizers merge across turn boundaries.
+# Nor text the tokenizer's NFC normaliser rewrites (the CJK compatibility ideograph U+FA15 decodes as U+51DE,
+# found by hypothesis): the tokenizer's rule again. Whitespace, punctuation and CJK are drawn often: they are
+# where tokenizers merge across turn boundaries.
 CHARS = st.characters(exclude_categories=("Cs",)) | st.sampled_from(list("\n\n \t\r.!?{}#字é") + ["\n\n", "  ", "\u3000"])
-TEXT = st.lists(CHARS, min_size=1, max_size=20).map("".join).filter(lambda t: t.strip() and "<|" not in t)
+TEXT = st.lists(CHARS, min_size=1, max_size=20).map("".join).filter(
+    lambda t: t.strip() and "<|" not in t and unicodedata.normalize("NFC", t) == t)
 
 
 @st.composite
