@@ -26,6 +26,9 @@ ARTIFACTS = ROOT / "test-artifacts"
 SECRET = "sk-chattune-test-0123456789abcdef"
 TRAIN_CHARTS = ["train/loss", "train/grad_norm", "train/learning_rate", "train/epoch", "train/tokens_per_s"]
 EPOCHS = 2
+# The tests of the tracked project: a training run with SwanLab and TensorBoard, a dashboard process, a browser
+# (58 s of fixture set-up in the fast suite on a shared 2-core CPU at load 10, about 16 s alone).
+slow = pytest.mark.slow
 
 
 def train(tmp: Path, tiny_model_dir: Path, out: Path, *extra: str) -> int:
@@ -99,6 +102,7 @@ def tag(base: str, exp_id: int, name: str) -> list[dict]:
     return api(base, f"/experiment/{exp_id}/tag/{quote(name, safe='')}")["list"]
 
 
+@slow
 def test_dashboard_prints_its_address_and_the_run_page(dashboard):
     base, printed = dashboard
     exp_id = experiment(base)["id"]
@@ -106,6 +110,7 @@ def test_dashboard_prints_its_address_and_the_run_page(dashboard):
     assert f"{base}/experiment/{exp_id}/chart" in printed[1]
 
 
+@slow
 def test_api_lists_project_experiment_config_and_metric_keys(dashboard, project):
     base, _ = dashboard
     assert api(base, "/project")["name"] == "legalproj", "project name defaults to the output folder's parent"
@@ -120,6 +125,7 @@ def test_api_lists_project_experiment_config_and_metric_keys(dashboard, project)
     assert set(TRAIN_CHARTS) | {"Prediction"} <= charts
 
 
+@slow
 def test_logged_metrics_equal_metrics_jsonl(dashboard, project):
     base, _ = dashboard
     exp_id = experiment(base)["id"]
@@ -131,6 +137,7 @@ def test_logged_metrics_equal_metrics_jsonl(dashboard, project):
         assert logged == [(r["step"], pytest.approx(r[key])) for r in metrics], chart
 
 
+@slow
 def test_prediction_panel_equals_the_prediction_files(dashboard, project):
     base, _ = dashboard
     logged = tag(base, experiment(base)["id"], "Prediction")
@@ -144,6 +151,7 @@ def test_prediction_panel_equals_the_prediction_files(dashboard, project):
     assert [r["answer"] for r in files[0]] != [r["answer"] for r in files[-1]], "training changed the answers"
 
 
+@slow
 def test_nothing_reached_the_network_and_the_key_is_nowhere(project, module_network_attempts):
     assert module_network_attempts == []
     files = [f for f in project.rglob("*") if f.is_file()]
@@ -152,6 +160,7 @@ def test_nothing_reached_the_network_and_the_key_is_nowhere(project, module_netw
         assert SECRET.encode() not in f.read_bytes(), f
 
 
+@slow
 def test_tensorboard_got_the_same_scalars_and_predictions(project):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -191,6 +200,7 @@ def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedPro
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+@slow
 def test_browser_shows_the_loss_chart(dashboard, tmp_path):
     browser = chromium()
     if browser is None:
