@@ -60,30 +60,53 @@ def project(tmp_path_factory, tiny_model_dir, module_network_attempts):
 @pytest.fixture(scope="module")
 def dashboard(project):
     """`chattune dashboard RUN --port P` on a free loopback port: (base url, the lines it printed first)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from chattune.cli import main; sys.exit(main(sys.argv[1:]))",
-         "dashboard", str(project / "run"), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, base, printed = start_dashboard(project / "run")
     try:
-        printed = [proc.stdout.readline(), proc.stdout.readline()]
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api(base, "/project")
-                break
-            except OSError:
-                assert proc.poll() is None, "".join(printed) + proc.stdout.read()
-                assert time.monotonic() < deadline, "dashboard did not answer within 60 s"
-                time.sleep(0.3)
         yield base, printed
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def start_dashboard(run: Path, attempts: int = 3) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start the dashboard on a port that was free a moment ago; wait until its API answers.
+
+    `chattune dashboard` takes a fixed --port, so another process may take the port between our probe and
+    the dashboard's bind. The dashboard then stops at once saying the port is in use: try another port.
+    """
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from chattune.cli import main; sys.exit(main(sys.argv[1:]))",
+             "dashboard", str(run), "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        printed = [proc.stdout.readline(), proc.stdout.readline()]
+        base = f"http://127.0.0.1:{port}"
+        if wait_for_api(proc, base):
+            return proc, base, printed
+        output = "".join(printed) + proc.stdout.read()
+        if not any(sign in output for sign in ("already in use", "Errno 98")):
+            raise AssertionError(f"the dashboard stopped: {output}")
+    raise AssertionError(f"the dashboard found no free port in {attempts} attempts")
+
+
+def wait_for_api(proc: subprocess.Popen, base: str, timeout_s: float = 60) -> bool:
+    """True once the API answers; False if the process stopped first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            api(base, "/project")
+            return True
+        except OSError:
+            if proc.poll() is not None:
+                return False
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise AssertionError(f"dashboard did not answer within {timeout_s:.0f} s")
+            time.sleep(0.3)
 
 
 def api(base: str, path: str):
