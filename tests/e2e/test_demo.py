@@ -10,6 +10,8 @@ import pytest
 
 from chattune import cli
 
+from ..conftest import check_run_directory
+
 ROOT = Path(__file__).parents[2]
 NAMES = ("Lumi", "露米")
 pytestmark = pytest.mark.slow
@@ -44,6 +46,11 @@ def test_persona_is_learned_on_unseen_questions(demo_run):
 def test_training_lowers_the_loss(demo_run):
     summary = json.loads((demo_run / "summary.json").read_text())
     assert summary["final_loss"] < 0.5 * summary["first_loss"]
+
+
+def test_run_directory_holds_what_later_verbs_read(demo_run, smollm2_dir):
+    """Keys of run_config.yaml / summary.json / metrics.jsonl, adapter shapes against the base model, the tokenizer."""
+    check_run_directory(demo_run, smollm2_dir)
 
 
 def test_chat_prompt_answers_in_persona_and_stops(demo_run, session_cache):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -10,6 +11,9 @@ from chattune import cli
 from .conftest import train_argv, train_rows, write_config
 
 
+# A second 8-step training run (48 s measured in the fast suite on a shared 2-core CPU at load 10, about
+# 14 s alone): slow. The baseline it compares with is trained anyway for the resume tests.
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_curve_and_adapter(tmp_path, tiny_model_dir, baseline):
     assert cli.main(train_argv(write_config(tmp_path, tiny_model_dir), tmp_path / "again")) == 0
     rows, ref = train_rows(tmp_path / "again"), train_rows(baseline)

@@ -26,6 +26,9 @@ ARTIFACTS = ROOT / "test-artifacts"
 SECRET = "sk-chattune-test-0123456789abcdef"
 TRAIN_CHARTS = ["train/loss", "train/grad_norm", "train/learning_rate", "train/epoch", "train/tokens_per_s"]
 EPOCHS = 2
+# The tests of the tracked project: a training run with SwanLab and TensorBoard, a dashboard process, a browser
+# (58 s of fixture set-up in the fast suite on a shared 2-core CPU at load 10, about 16 s alone).
+slow = pytest.mark.slow
 
 
 def train(tmp: Path, tiny_model_dir: Path, out: Path, *extra: str) -> int:
@@ -57,30 +60,53 @@ def project(tmp_path_factory, tiny_model_dir, module_network_attempts):
 @pytest.fixture(scope="module")
 def dashboard(project):
     """`chattune dashboard RUN --port P` on a free loopback port: (base url, the lines it printed first)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from chattune.cli import main; sys.exit(main(sys.argv[1:]))",
-         "dashboard", str(project / "run"), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc, base, printed = start_dashboard(project / "run")
     try:
-        printed = [proc.stdout.readline(), proc.stdout.readline()]
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api(base, "/project")
-                break
-            except OSError:
-                assert proc.poll() is None, "".join(printed) + proc.stdout.read()
-                assert time.monotonic() < deadline, "dashboard did not answer within 60 s"
-                time.sleep(0.3)
         yield base, printed
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def start_dashboard(run: Path, attempts: int = 3) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start the dashboard on a port that was free a moment ago; wait until its API answers.
+
+    `chattune dashboard` takes a fixed --port, so another process may take the port between our probe and
+    the dashboard's bind. The dashboard then stops at once saying the port is in use: try another port.
+    """
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from chattune.cli import main; sys.exit(main(sys.argv[1:]))",
+             "dashboard", str(run), "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        printed = [proc.stdout.readline(), proc.stdout.readline()]
+        base = f"http://127.0.0.1:{port}"
+        if wait_for_api(proc, base):
+            return proc, base, printed
+        output = "".join(printed) + proc.stdout.read()
+        if not any(sign in output for sign in ("already in use", "Errno 98")):
+            raise AssertionError(f"the dashboard stopped: {output}")
+    raise AssertionError(f"the dashboard found no free port in {attempts} attempts")
+
+
+def wait_for_api(proc: subprocess.Popen, base: str, timeout_s: float = 60) -> bool:
+    """True once the API answers; False if the process stopped first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            api(base, "/project")
+            return True
+        except OSError:
+            if proc.poll() is not None:
+                return False
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise AssertionError(f"dashboard did not answer within {timeout_s:.0f} s")
+            time.sleep(0.3)
 
 
 def api(base: str, path: str):
@@ -99,6 +125,7 @@ def tag(base: str, exp_id: int, name: str) -> list[dict]:
     return api(base, f"/experiment/{exp_id}/tag/{quote(name, safe='')}")["list"]
 
 
+@slow
 def test_dashboard_prints_its_address_and_the_run_page(dashboard):
     base, printed = dashboard
     exp_id = experiment(base)["id"]
@@ -106,6 +133,7 @@ def test_dashboard_prints_its_address_and_the_run_page(dashboard):
     assert f"{base}/experiment/{exp_id}/chart" in printed[1]
 
 
+@slow
 def test_api_lists_project_experiment_config_and_metric_keys(dashboard, project):
     base, _ = dashboard
     assert api(base, "/project")["name"] == "legalproj", "project name defaults to the output folder's parent"
@@ -120,6 +148,7 @@ def test_api_lists_project_experiment_config_and_metric_keys(dashboard, project)
     assert set(TRAIN_CHARTS) | {"Prediction"} <= charts
 
 
+@slow
 def test_logged_metrics_equal_metrics_jsonl(dashboard, project):
     base, _ = dashboard
     exp_id = experiment(base)["id"]
@@ -131,6 +160,7 @@ def test_logged_metrics_equal_metrics_jsonl(dashboard, project):
         assert logged == [(r["step"], pytest.approx(r[key])) for r in metrics], chart
 
 
+@slow
 def test_prediction_panel_equals_the_prediction_files(dashboard, project):
     base, _ = dashboard
     logged = tag(base, experiment(base)["id"], "Prediction")
@@ -144,6 +174,7 @@ def test_prediction_panel_equals_the_prediction_files(dashboard, project):
     assert [r["answer"] for r in files[0]] != [r["answer"] for r in files[-1]], "training changed the answers"
 
 
+@slow
 def test_nothing_reached_the_network_and_the_key_is_nowhere(project, module_network_attempts):
     assert module_network_attempts == []
     files = [f for f in project.rglob("*") if f.is_file()]
@@ -152,6 +183,7 @@ def test_nothing_reached_the_network_and_the_key_is_nowhere(project, module_netw
         assert SECRET.encode() not in f.read_bytes(), f
 
 
+@slow
 def test_tensorboard_got_the_same_scalars_and_predictions(project):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -191,6 +223,7 @@ def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedPro
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+@slow
 def test_browser_shows_the_loss_chart(dashboard, tmp_path):
     browser = chromium()
     if browser is None:
