@@ -30,7 +30,7 @@ from chattune.model.load import load_model, load_tokenizer
 from chattune.model.lora import apply_lora
 from chattune.model.packed_attention import use_packed_attention
 from chattune.model.sources import resolve_model_dir
-from chattune.train.loss import ChattuneTrainer
+from chattune.train.trainer import ChattuneTrainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -47,8 +47,8 @@ def _eval(args: argparse.Namespace) -> None:
     from chattune.verbs import eval as eval_verb
 
     eval_verb.run(args.run_dir, data=args.data, mcq=args.mcq, metrics=args.metrics, compare_base=args.compare_base,
-            limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shots=args.shots,
-            name=args.name)
+                  limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shots=args.shots,
+                  name=args.name)
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -69,6 +69,7 @@ def test_qwen3_template_renders_as_apply_chat_template(qwen3_tok, kwargs):
     assert_same_texts(qwen3_tok, kwargs)
 
 
+@pytest.mark.slow  # converts the packaged SmolLM2 model once for its tokenizer (~25 s)
 def test_smollm2_template_renders_as_apply_chat_template(smol_tok):
     assert_same_texts(smol_tok)
 
