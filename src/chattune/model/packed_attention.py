@@ -6,7 +6,17 @@ attention costs (sum of lengths)^2 and the kernel cannot use its causal fast
 path. With the sample boundaries the collator already knows (`cu_seq_lens_q`,
 the kwargs flash-attention takes), each sample gets its own causal SDPA call:
 the same numbers as a sample alone in its own batch, at sum(length^2) cost,
-which is what lets larger per-device batches pay off on CPUs.
+which is what lets larger per-device batches pay off on CPUs. On a CUDA GPU
+(sm80+, fp16/bf16) all samples of a row go to one varlen flash-attention call
+per layer instead (model/varlen.py), with no host sync; the per-sample loop is
+the fallback (CPU, fp32, older GPUs).
+
+Sliding windows are kept: a layer that passes `sliding_window` (Gemma 3's local
+layers, SWA Qwen2, Mistral) gets the same band of keys as the model's own mask
+gives it alone, in every path (the varlen kernel's window, a banded mask for
+the matmuls, an explicit band for SDPA when a sample is longer than the window).
+Packed rows never build transformers' whole-row [1, 1, T, T] mask: it is
+deferred and built only for calls that have no boundaries.
 
 Calls without boundaries (generation, padded batches) go to transformers' own
 SDPA unchanged, so a model can keep this implementation for its whole life.
@@ -34,6 +44,7 @@ from typing import Any, Iterator
 import torch
 
 from chattune.errors import ModelError
+from chattune.model.varlen import deferred_sdpa_mask, resolve_mask, varlen_attention, varlen_fits
 
 NAME = "sdpa_packed"
 MATH_MAX_LEN = 384  # samples up to this length use the matmul attention when training on a CPU
@@ -47,15 +58,20 @@ def _boundaries(cu: torch.Tensor) -> list[int]:
     return _last[1]
 
 
-_future: dict[torch.device, torch.Tensor] = {}
+_future: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 
 
-def _upper(n: int, device: torch.device) -> torch.Tensor:
-    """Boolean [n, n] mask of the future (True above the diagonal); one per device, sliced for shorter samples."""
-    cached = _future.get(device)
+def _hidden(n: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [n, n] mask of the keys a query may not see: the future, and with a sliding window W every key
+    W or more positions back (transformers' window: a query sees itself and the W-1 keys before it).
+    One per device and window, sliced for shorter samples (the pattern only depends on i - j)."""
+    cached = _future.get((device, window))
     if cached is None or cached.shape[0] < n:
         size = max(n, MATH_MAX_LEN)
-        cached = _future[device] = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+        cached = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+        if window is not None:
+            cached |= torch.ones(size, size, dtype=torch.bool, device=device).tril(-window)
+        _future[(device, window)] = cached
     return cached[:n, :n]
 
 
@@ -65,11 +81,12 @@ def _softmax_fp32(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            scaling: float | None) -> torch.Tensor:
+                            scaling: float | None, window: int | None = None) -> torch.Tensor:
     """Causal attention of one sample: [1, heads, T, d] q and [1, kv_heads, T, d] k/v -> [1, T, heads, d].
 
     Scores from one baddbmm per key/value head (the query heads that share it stacked, so keys are never
-    repeated), the future masked, softmax in float32, probabilities back in the input dtype, one bmm with V.
+    repeated), the future (and with a sliding window, what lies beyond it) masked, softmax in float32,
+    probabilities back in the input dtype, one bmm with V.
     """
     _, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -78,20 +95,21 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     scale = dim ** -0.5 if scaling is None else scaling
     scores = torch.baddbmm(q.new_empty(()).expand(kv_heads, group * length, length), q, key[0].transpose(1, 2),
                            beta=0.0, alpha=scale)  # scaling inside the matmul: one rounding, as SDPA's
-    scores.view(kv_heads, group, length, length).masked_fill_(_upper(length, query.device), float("-inf"))
+    hidden = _hidden(length, window if window is not None and window < length else None, query.device)
+    scores.view(kv_heads, group, length, length).masked_fill_(hidden, float("-inf"))
     probs = _softmax_fp32(scores, query.dtype)
     out = torch.bmm(probs, value[0])  # [kv_heads, group * T, d]
     return out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
 
 
 def _matmul_attention_fits(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
-    """Training on a CPU, no attention dropout, no softcap or sliding window, equal head dims."""
+    """Training on a CPU, no attention dropout, no softcap, equal head dims (a sliding window is applied)."""
     return (query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad
-            and not (module.training and kwargs.get("dropout", 0.0)) and _plain(query, key, kwargs))
+            and not (module.training and kwargs.get("dropout", 0.0)) and _plain(query, key, kwargs, window_ok=True))
 
 
-def _plain(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
-    return (kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
+def _plain(query: torch.Tensor, key: torch.Tensor, kwargs: dict, *, window_ok: bool = False) -> bool:
+    return (kwargs.get("softcap") is None and (window_ok or kwargs.get("sliding_window") is None)
             and kwargs.get("position_bias") is None and query.shape[-1] == key.shape[-1]
             and query.shape[1] % key.shape[1] == 0)
 
@@ -122,39 +140,63 @@ def decode_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                        attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function.
 
-    A packed row: one causal attention per sample (matmuls when training on a CPU, else SDPA). A decoding
-    step on a CPU: decode_matmul_attention. Anything else: transformers' SDPA.
+    A packed row: on CUDA one varlen flash call for all samples (model/varlen.py); otherwise one causal
+    attention per sample (matmuls when training on a CPU, else SDPA). Each keeps the layer's sliding window.
+    A decoding step on a CPU: decode_matmul_attention. Anything else: transformers' SDPA with its mask.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cu = kwargs.get("cu_seq_lens_q")
-    bounds = _boundaries(cu) if cu is not None else None
+    cu, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     for name in _BOUNDARY_KWARGS:
         kwargs.pop(name, None)
-    if bounds is None and _one_token_on_cpu(query, key, attention_mask, kwargs):
-        return decode_matmul_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
-    if bounds is None or query.shape[0] != 1 or not query.shape[2] == key.shape[2] == bounds[-1]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    packed = (cu is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 0
+              and getattr(module, "is_causal", True) is not False)
+    if packed and varlen_fits(module, query, key, value, max_length, kwargs):
+        return varlen_attention(query, key, value, cu, max_length, scaling=kwargs.get("scaling"),
+                                window=kwargs.get("sliding_window")), None
+    bounds = _boundaries(cu) if packed else None  # the loop below needs the lengths on the host
+    if bounds is None or bounds[-1] != query.shape[2]:
+        mask = resolve_mask(attention_mask)
+        if _one_token_on_cpu(query, key, mask, kwargs):
+            return decode_matmul_attention(query, key, value, mask, kwargs.get("scaling")), None
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return _per_sample_attention(module, query, key, value, bounds, kwargs), None
+
+
+def _per_sample_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          bounds: list[int], kwargs: dict) -> torch.Tensor:
+    """One causal attention per sample (the fallback where varlen cannot run): [1, tokens, heads, head_dim]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     kwargs.pop("is_causal", None)
+    window = kwargs.pop("sliding_window", None)
     # split, not slicing: the backward of a slice zero-fills a whole-row gradient per sample, split's is one cat
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     matmul = _matmul_attention_fits(module, query, key, kwargs)
-    outs = [causal_matmul_attention(q, k, v, kwargs.get("scaling")) if matmul and q.shape[2] <= MATH_MAX_LEN
-            else sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in parts]
-    return torch.cat(outs, dim=1), None  # [1, tokens, heads, head_dim], as sdpa_attention_forward returns
+    outs = []
+    for q, k, v in parts:
+        n = q.shape[2]
+        if matmul and n <= MATH_MAX_LEN:
+            outs.append(causal_matmul_attention(q, k, v, kwargs.get("scaling"), window))
+        elif window is None or n <= window:  # the window reaches the whole sample: plain causal
+            outs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+        else:  # SDPA has no window argument: the band as an explicit mask (True = may attend)
+            band = ~_hidden(n, window, q.device)
+            outs.append(sdpa_attention_forward(module, q, k, v, band[None, None], is_causal=False, **kwargs)[0])
+    return torch.cat(outs, dim=1)  # [1, tokens, heads, head_dim], as sdpa_attention_forward returns
 
 
 def register() -> None:
-    """Make NAME a valid attn_implementation (idempotent). Masks are built as for sdpa; packed calls ignore them."""
+    """Make NAME a valid attn_implementation (idempotent). Its masks are sdpa's, built only when a call needs one."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, packed_sdpa_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, deferred_sdpa_mask)
 
 
 def base_model(model: Any) -> Any:
