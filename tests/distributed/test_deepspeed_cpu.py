@@ -21,14 +21,15 @@ pytestmark = [
 
 
 def train(mode, run, tiny_model_dir, env):
+    env = {**env, "CHATTUNE_TEST_LOAD_REPORT": str(run.parent)}  # tests/distributed/worker.py: params after load
     proc = torchrun(2, ["train", "configs/demo.yaml",
                         *overrides(tiny_model_dir, run, PER_DEVICE, f"train.distributed={mode}")], env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stderr
 
 
-def assert_same_adapter(a, b):
-    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+def assert_same_adapter(a, b, sub="adapter"):
+    wa, wb = load_file(a / sub / "adapter_model.safetensors"), load_file(b / sub / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert wa[k].shape == wb[k].shape and wa[k].numel() > 0, k  # gathered, not one process's empty shard
@@ -65,6 +66,19 @@ def test_zero_trains_like_ddp(mode, ddp, zero3, tiny_model_dir, env, tmp_path):
     for step in (2, 4):
         ckpt = run / "checkpoints" / f"checkpoint-{step}"
         assert (ckpt / "chattune_checkpoint.json").is_file() and (ckpt / f"global_step{step}").is_dir()
+        # the checkpoint's adapter (ZeRO-3: gathered from the trainable parameters alone) is DDP's
+        assert_same_adapter(run, ddp.run, f"checkpoints/checkpoint-{step}")
+
+
+def test_zero3_loads_the_model_sharded(zero3):
+    """The model is loaded under zero.Init: right after loading each process holds only its shard of every
+    base weight (a zero-size placeholder locally), not the whole model."""
+    run, _ = zero3
+    for rank in (0, 1):
+        report = json.loads((run.parent / f"load_rank{rank}.json").read_text())
+        assert report["zero3_enabled"] and report["base_params"] > 0
+        assert report["partitioned"] == report["base_params"], report
+        assert report["local_numel"] == 0 and report["full_numel"] > 1_000_000, report
 
 
 def test_zero3_resumes_from_its_checkpoint(ddp, zero3, tiny_model_dir, env):

@@ -1,8 +1,12 @@
-"""torchrun entry for the tests: `chattune train` exactly as the CLI runs it, plus one test-only callback.
+"""torchrun entry for the tests: `chattune train` exactly as the CLI runs it, plus test-only probes.
 
 The callback writes a hash of this process's LoRA weights after every optimizer step to
 $CHATTUNE_TEST_DUMP/rank{R}_step{S}.txt, so a test can see that every rank holds the same weights.
+With $CHATTUNE_TEST_LOAD_REPORT, each rank writes load_rank{R}.json: how its parameters look right after
+the model was loaded (ZeRO-3 partitioned or whole).
 """
+
+import json
 
 import hashlib
 import os
@@ -37,6 +41,26 @@ def build_trainer(*args, **kwargs):
 
 
 run.build_trainer = build_trainer
+
+_load_lora_model = run.load_lora_model
+
+
+def load_lora_model(*args, **kwargs):
+    model = _load_lora_model(*args, **kwargs)
+    out = os.environ.get("CHATTUNE_TEST_LOAD_REPORT")
+    if out:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        base = [p for n, p in model.named_parameters() if "lora_" not in n]
+        report = {"zero3_enabled": is_deepspeed_zero3_enabled(), "base_params": len(base),
+                  "partitioned": sum(hasattr(p, "ds_id") for p in base),
+                  "local_numel": sum(p.numel() for p in base),
+                  "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in base)}
+        (Path(out) / f"load_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))
+    return model
+
+
+run.load_lora_model = load_lora_model
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

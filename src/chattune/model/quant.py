@@ -82,8 +82,11 @@ def prepare_for_kbit_training(model: Any, dtype: torch.dtype) -> Any:
 
 
 def parameter_count(p: Any) -> int:
-    """Number of weights a parameter holds; a packed 4-bit tensor stores two per byte of its storage."""
-    n = p.numel()
+    """Number of weights a parameter holds; a packed 4-bit tensor stores two per byte of its storage.
+
+    A ZeRO-3 partitioned parameter (loaded under zero.Init) counts its whole size (ds_numel), not this process's
+    empty placeholder."""
+    n = getattr(p, "ds_numel", None) or p.numel()
     if p.__class__.__name__ == "Params4bit":
         return n * 2 * p.element_size()
     return n

@@ -15,6 +15,7 @@ from chattune.model.packed_attention import use_packed_attention
 from chattune.rundir import RunDir
 from chattune.track import make_trackers
 from chattune.track.base import TrackingCallback, run_info
+from chattune.train.adapter import gather_trainable_zero3, zero3_enabled
 from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, TokenCounter
 from chattune.train.checkpoints import PublishCheckpoints, staging_dir
 from chattune.train.engines import DistributedReport, shards_weights, training_args_kwargs
@@ -47,6 +48,16 @@ class ChattuneTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Under ZeRO-3 the Trainer gathers every weight of the model at each checkpoint to save a LoRA adapter
+        # of a fraction of a percent of them; gather only the trainable ones (collective, like the original).
+        if not (zero3_enabled(self) and hasattr(self.model, "peft_config")):
+            super().save_model(output_dir, _internal_call)
+            return
+        state_dict = gather_trainable_zero3(self.accelerator.unwrap_model(self.model))
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
 
 def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has_eval: bool = False) -> TrainingArguments:
@@ -87,8 +98,12 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has
 
 
 def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, data: TrainingData,
-                  renderer: ChatRenderer, dtype: torch.dtype, *, fingerprints: dict[str, str]) -> ChattuneTrainer:
-    """An HF Trainer wired with our collator, progress/metrics, tracking and probe callbacks."""
+                  renderer: ChatRenderer, dtype: torch.dtype, *, fingerprints: dict[str, str],
+                  args: TrainingArguments | None = None) -> ChattuneTrainer:
+    """An HF Trainer wired with our collator, progress/metrics, tracking and probe callbacks.
+
+    args: to_training_args(...) made before the model was loaded (what ZeRO-3 needs to load sharded); made here if None.
+    """
     # Padding-free batches need use_cache=False for exact sequence boundaries; training never uses the cache.
     model.config.use_cache = False
     if cfg.train.padding_free:
@@ -96,7 +111,7 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
     counter = TokenCounter()
     trainer = ChattuneTrainer(
         model=model,
-        args=to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples)),
+        args=args if args is not None else to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples)),
         train_dataset=SampleDataset(data.samples),
         eval_dataset=SampleDataset(data.eval_samples) if data.eval_samples else None,
         data_collator=make_collate(cfg.train.padding_free, tokenizer.pad_token_id),  # eval uses the same collator

@@ -25,7 +25,7 @@ from chattune.train.adapter import save_adapter
 from chattune.train.inputs import prepare_data
 from chattune.train.interrupt import stop_if_interrupted, train_interruptibly
 from chattune.train.processes import is_main_process, main_process_first
-from chattune.train.trainer import build_trainer  # a module global: tests/distributed/worker.py wraps it
+from chattune.train.trainer import build_trainer, to_training_args  # module globals: tests/distributed/worker.py wraps them
 
 log = logging.getLogger("chattune")
 
@@ -56,9 +56,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     records.report_data(run_dir, cfg, data)
     records.save_inference_assets(run_dir, tokenizer)
     dtype = resolve_dtype(cfg.model.dtype)
+    # Before the model: while these arguments live, ZeRO-3 loads each weight straight into its shard (zero.Init)
+    args = to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples))
     model = load_lora_model(cfg, model_dir, dtype)
     model_info = records.describe_model(run_dir, model, dtype)
-    trainer = build_trainer(cfg, run_dir, model, tokenizer, data, renderer, dtype, fingerprints=fingerprints)
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, data, renderer, dtype, args=args, fingerprints=fingerprints)
     started = time.perf_counter()
     result, interrupt = train_interruptibly(trainer, checkpoint)
     save_adapter(trainer, run_dir.adapter)  # gathered from shards where needed, written by the main process
