@@ -19,8 +19,14 @@ from chattune.model.packed_attention import packed_attention
 
 
 @contextlib.contextmanager
-def inference_mode(model: Any) -> Iterator[None]:
-    """Eval mode (dropout off) with the KV cache on, then the previous mode and cache setting restored."""
+def inference_mode(model: Any, *, sharded: bool = False) -> Iterator[None]:
+    """Eval mode (dropout off) with the KV cache on, then the previous mode and cache setting restored.
+
+    sharded (weights split over processes, gathered on use: FSDP2, ZeRO-3): no_grad instead of inference_mode.
+    FSDP2 allocates its gathered weights on first use and reuses them in training; made under inference_mode
+    they are inference tensors, and the next training step fails ("Inference tensors do not track version
+    counter", reproduced with FSDP2 on one CPU process).
+    """
     was_training = model.training
     config = getattr(model, "config", None)
     old_cache = getattr(config, "use_cache", None)
@@ -28,12 +34,24 @@ def inference_mode(model: Any) -> Iterator[None]:
     if config is not None:
         config.use_cache = True
     try:
-        with torch.inference_mode():
+        with torch.no_grad() if sharded else torch.inference_mode():
             yield
     finally:
         if config is not None:
             config.use_cache = old_cache
         model.train(was_training)
+
+
+def weights_sharded(model: Any) -> bool:
+    """True for a model whose weights are split over processes: FSDP2 (fully_shard) or DeepSpeed ZeRO-3."""
+    from torch.distributed.fsdp import FSDPModule
+
+    first = next(iter(model.parameters()), None)
+    return isinstance(model, FSDPModule) or hasattr(first, "ds_id")
+
+
+def _process_count() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
 
 def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +77,13 @@ def generate_batch(
     top_p: float = 1.0,
     progress: Any = None,
     packed_prefill: bool = True,
+    sharded: bool = False,
 ) -> list[str]:
     """Answer every prompt (a list of messages); greedy unless do_sample. Order is preserved.
+
+    sharded: the weights are split over the processes (ZeRO-3, FSDP) and every process calls this with its
+    own share of the prompts; generation runs under no_grad and in lockstep (synced_gpus), so a process that
+    finishes early keeps joining the others' weight gathers instead of leaving them waiting.
 
     With packed_prefill (and a model that supports it, see infer/prefill.py) the prompts are prefilled
     without padding; the padded prefill is the fallback (same answers in fp32, see docs/inference.md).
@@ -73,7 +96,10 @@ def generate_batch(
     device = next(model.parameters()).device
     answers: list[str] = [""] * len(encoded)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    with inference_mode(model):
+    sharded = sharded or weights_sharded(model)
+    if sharded and _process_count() > 1:
+        sampling["synced_gpus"] = True  # transformers only infers it for ZeRO-3 and its own FSDP, not accelerate's
+    with inference_mode(model, sharded=sharded):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             rows = [encoded[i] for i in idx]

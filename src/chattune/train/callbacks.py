@@ -136,7 +136,8 @@ class PredictionProbes(TrainerCallback):
     def answer(self, model: Any, epoch: int, step: int, *, write: bool = True) -> list[dict]:
         """Generate, write and log the probe answers for one epoch (write=False: generate only)."""
         answers = generate_batch(
-            model, self.renderer, [p.prompt for p in self.probes], max_new_tokens=self.max_new_tokens, batch_size=len(self.probes)
+            model, self.renderer, [p.prompt for p in self.probes], max_new_tokens=self.max_new_tokens,
+            batch_size=len(self.probes), sharded=self.every_process,
         )
         rows = [
             {"epoch": epoch, "step": step, "question": p.prompt[-1]["content"], "answer": a, "reference": p.reference, "where": p.where}
