@@ -8,11 +8,19 @@ loss and gradients as the full computation with less time and memory.
 
 The cross-entropy itself runs over row chunks (chunked_cross_entropy): the
 float32 copy of the logits, their log-softmax and its gradient never exist for
-the whole batch at once, only for CHUNK_ROWS rows at a time.
+the whole batch at once, only for one chunk of rows at a time. The chunk is
+per device (chunk_rows): 64 rows on a CPU (cache-sized), about 256 MiB of float32
+temporaries on a GPU, where 64-row chunks would launch thousands of tiny kernels.
+
+Under mixed precision accelerate wraps the model's forward so that every output
+is converted to float32, a full float32 copy of the kept logits (and a float32
+gradient for it) that the chunking exists to avoid; keep_logits_dtype takes that
+conversion off (autocast stays).
 """
 
 from __future__ import annotations
 
+from types import MethodType
 from typing import Any
 
 import torch
@@ -29,7 +37,15 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return keep, shifted[shifted != IGNORE]
 
 
-CHUNK_ROWS = 64  # 64 x 152k float32 (Qwen's vocabulary) = 39 MB of temporaries
+CHUNK_ROWS = 64  # on a CPU: 64 x 152k float32 (Qwen's vocabulary) = 39 MB of temporaries
+GPU_CHUNK_BYTES = 1 << 28  # on a GPU: 256 MiB of float32 per chunk (441 rows of a 152k vocabulary)
+
+
+def chunk_rows(vocab: int, device: torch.device | str) -> int:
+    """Rows per cross-entropy chunk: CHUNK_ROWS on a CPU; on a GPU as many as fit GPU_CHUNK_BYTES (at least 256)."""
+    if torch.device(device).type == "cpu":
+        return CHUNK_ROWS
+    return max(256, GPU_CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -39,11 +55,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for a in range(0, logits.shape[0], CHUNK_ROWS):
-            chunk = logits[a:a + CHUNK_ROWS].float()
-            lse[a:a + CHUNK_ROWS] = torch.logsumexp(chunk, dim=-1)
-            picked = chunk.gather(1, targets[a:a + CHUNK_ROWS, None]).squeeze(1)
-            total += (lse[a:a + CHUNK_ROWS] - picked).sum()
+        rows = ctx.rows = chunk_rows(logits.shape[1], logits.device)
+        for a in range(0, logits.shape[0], rows):
+            chunk = logits[a:a + rows].float()
+            lse[a:a + rows] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(1, targets[a:a + rows, None]).squeeze(1)
+            total += (lse[a:a + rows] - picked).sum()
         ctx.save_for_backward(logits, targets, lse)
         return total
 
@@ -51,10 +68,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for a in range(0, logits.shape[0], CHUNK_ROWS):
-            p = (logits[a:a + CHUNK_ROWS].float() - lse[a:a + CHUNK_ROWS, None]).exp_()  # softmax
-            p.scatter_add_(1, targets[a:a + CHUNK_ROWS, None], torch.full_like(p[:, :1], -1.0))
-            grad[a:a + CHUNK_ROWS] = p.mul_(grad_total)
+        rows = ctx.rows
+        for a in range(0, logits.shape[0], rows):
+            p = (logits[a:a + rows].float() - lse[a:a + rows, None]).exp_()  # softmax
+            p.scatter_add_(1, targets[a:a + rows, None], torch.full_like(p[:, :1], -1.0))
+            grad[a:a + rows] = p.mul_(grad_total)
         return grad, None
 
 
@@ -67,6 +85,25 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     if not logits.requires_grad:
         return F.cross_entropy(logits.float(), targets, reduction="sum")
     return _ChunkedCrossEntropy.apply(logits, targets)
+
+
+def keep_logits_dtype(model: Any) -> bool:
+    """Take accelerate's float32 output conversion off a prepared model's forward, keeping its autocast.
+
+    accelerate (mixed precision) sets model.forward = fp32-converter(autocast(forward)); the converter copies the
+    kept logits to float32 whole, which chunked_cross_entropy upcasts chunk by chunk anyway (same values, same
+    gradients). True when a converter was removed.
+    """
+    from accelerate.utils.operations import ConvertOutputsToFp32
+
+    forward = getattr(model, "forward", None)
+    func = getattr(forward, "__func__", forward)
+    converter = getattr(func, "__wrapped__", None)
+    if not isinstance(converter, ConvertOutputsToFp32):
+        return False
+    inner = converter.model_forward
+    model.forward = MethodType(inner, model) if hasattr(forward, "__func__") else inner
+    return True
 
 
 def supervised_loss(model: Any, inputs: dict[str, torch.Tensor], num_items: int | torch.Tensor | None) -> tuple[torch.Tensor, Any]:

@@ -20,7 +20,7 @@ from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, Token
 from chattune.train.checkpoints import PublishCheckpoints, staging_dir
 from chattune.train.engines import DistributedReport, shards_weights, training_args_kwargs
 from chattune.train.inputs import TrainingData
-from chattune.train.loss import supervised_loss
+from chattune.train.loss import keep_logits_dtype, supervised_loss
 from chattune.train.throughput import lora_flops_per_token
 
 
@@ -44,6 +44,7 @@ class ChattuneTrainer(Trainer):
             num_items_in_batch = None
         if self.token_counter is not None and model.training:
             self.token_counter.add(inputs)
+        keep_logits_dtype(self.model)  # no float32 copy of all kept logits (mixed precision); cheap when done
         loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
