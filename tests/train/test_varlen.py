@@ -101,3 +101,27 @@ def test_packed_rows_never_build_the_whole_row_mask(tiny_model_dir, monkeypatch)
         unbounded = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"]).loss
     assert built == [flat["input_ids"].shape[1]]
     torch.testing.assert_close(unbounded, padded_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_a_refusing_kernel_falls_back_to_the_loop_once_and_for_all(monkeypatch):
+    from chattune.model import packed_attention as pa
+    from chattune.model import varlen
+
+    model = tiny_swa_model("qwen2")
+    feats, flat = packed_pair(model.config.vocab_size)
+    ref = logits_and_grads(model, flat["input_ids"], position_ids=flat["position_ids"])  # block mask, no bounds
+    calls = []
+
+    def refusing(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(varlen, "_varlen_function", lambda: refusing)
+    monkeypatch.setattr(varlen, "_refused", set())
+    # a CUDA call would fit, until the kernel has refused once on device 0
+    monkeypatch.setattr(pa, "varlen_fits", lambda *a: 0 not in varlen._refused)
+    pa.use_packed_attention(model)
+    packed = logits_and_grads(model, flat["input_ids"], **{k: flat[k] for k in KW})
+    assert calls == [1] and varlen._refused == {0}  # tried once, then the loop for every later layer
+    for a, b in zip(packed, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -155,8 +155,10 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     packed = (cu is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] > 0
               and getattr(module, "is_causal", True) is not False)
     if packed and varlen_fits(module, query, key, value, max_length, kwargs):
-        return varlen_attention(query, key, value, cu, max_length, scaling=kwargs.get("scaling"),
-                                window=kwargs.get("sliding_window")), None
+        out = varlen_attention(query, key, value, cu, max_length, scaling=kwargs.get("scaling"),
+                               window=kwargs.get("sliding_window"))
+        if out is not None:
+            return out, None
     bounds = _boundaries(cu) if packed else None  # the loop below needs the lengths on the host
     if bounds is None or bounds[-1] != query.shape[2]:
         mask = resolve_mask(attention_mask)

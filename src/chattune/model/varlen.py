@@ -14,10 +14,12 @@ need it (no sample boundaries) still gets exactly what sdpa would have had.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 import torch
 
+log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -68,6 +70,9 @@ def _varlen_function() -> Callable[..., torch.Tensor] | None:
     return varlen_attn
 
 
+_refused: set[int] = set()  # devices whose flash kernel refused a call: the per-sample loop from then on
+
+
 @functools.lru_cache(maxsize=None)
 def _flash_capable(device_index: int) -> bool:
     # torch's flash kernels need Ampere or newer (sm80+); T4 (sm75) and V100 (sm70) keep the per-sample loop.
@@ -84,12 +89,14 @@ def varlen_fits(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
             and not (module.training and kwargs.get("dropout", 0.0))
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
             and key.shape[-1] == value.shape[-1] == dim and dim % 8 == 0 and dim <= 256
-            and query.shape[1] % key.shape[1] == 0 and _flash_capable(query.device.index or 0))
+            and query.shape[1] % key.shape[1] == 0 and (query.device.index or 0) not in _refused
+            and _flash_capable(query.device.index or 0))
 
 
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
-                     max_length: int, *, scaling: float | None, window: int | None) -> torch.Tensor:
-    """Causal attention of every sample of a packed row in one call: [1, heads, T, d] -> [1, T, heads, d].
+                     max_length: int, *, scaling: float | None, window: int | None) -> torch.Tensor | None:
+    """Causal attention of every sample of a packed row in one call: [1, heads, T, d] -> [1, T, heads, d];
+    None (and the per-sample loop for this device from then on) when the kernel refuses the call.
 
     window: transformers' sliding window W (a query sees itself and the W-1 keys before it), i.e. the
     kernel's window (W - 1, 0); None or a window no sample reaches is plain causal (-1, 0).
@@ -97,7 +104,13 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     varlen_attn = _varlen_function()
     cu = cu_seq_lens.to(device=query.device, dtype=torch.int32, non_blocking=True)
     left = window - 1 if window is not None and window < max_length else -1
-    out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
-                      max_length, max_length, scale=scaling, window_size=(left, 0),
-                      enable_gqa=query.shape[1] != key.shape[1])
+    try:
+        out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
+                          max_length, max_length, scale=scaling, window_size=(left, 0),
+                          enable_gqa=query.shape[1] != key.shape[1])
+    except RuntimeError as exc:  # a GPU or build whose flash kernel does not take this call
+        _refused.add(query.device.index or 0)
+        log.warning("packed attention: torch's varlen flash attention refused (%s); using one SDPA call per "
+                    "sample on this GPU", str(exc).splitlines()[0][:200])
+        return None
     return out.unsqueeze(0)  # [1, T, heads, d], as sdpa_attention_forward returns
