@@ -235,3 +235,26 @@ def test_one_gpu_or_a_launcher_is_accepted(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     launcher.check_one_gpu_per_process()
+
+
+def test_train_loads_each_ddp_process_onto_its_gpu(tmp_path, tiny_model_dir, monkeypatch):
+    """Through `chattune train` as torchrun starts it (LOCAL_RANK set): load_model gets this process's GPU."""
+    from chattune.errors import ModelError
+    from chattune.verbs import train as train_run
+
+    fake_gpus(monkeypatch, count=2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "0")  # the main process's view of the run directory, no process group
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    seen = {}
+
+    def fake_load_model(model_dir, cfg, *, dtype, device_map=None, **extra):
+        seen.update(device_map=device_map, dtype=dtype)
+        raise ModelError("stop here")
+
+    monkeypatch.setattr(train_run, "load_model", fake_load_model)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndata:\n  train: {FIX / 'alpaca.json'}\n"
+                   f"tracking:\n  backends: [none]\n  probe_size: 0\noutput_dir: {tmp_path / 'run'}\n")
+    assert cli.main(["train", str(cfg)]) == 2
+    assert seen == {"device_map": {"": 1}, "dtype": torch.bfloat16}
