@@ -161,6 +161,32 @@ def test_dtype_auto_by_compute_capability(monkeypatch, capability, dtype):
     assert load_mod.resolve_dtype("auto", device="cpu") == torch.bfloat16
 
 
+def test_explicit_bf16_on_an_old_gpu_is_kept_with_a_warning(monkeypatch, caplog):
+    fake_gpus(monkeypatch, capability=(7, 5))
+    with caplog.at_level(logging.WARNING):
+        assert load_mod.resolve_dtype("bf16") == torch.bfloat16
+    assert "emulated" in caplog.text and "model.dtype=auto" in caplog.text
+    caplog.clear()
+    fake_gpus(monkeypatch, capability=(8, 0))
+    with caplog.at_level(logging.WARNING):
+        load_mod.resolve_dtype("bf16")
+    assert caplog.text == ""
+
+
+def test_a_model_too_large_for_the_gpu_says_how_to_spread_it(tiny_model_dir, monkeypatch):
+    import transformers
+
+    from chattune.errors import ModelError
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", oom)
+    with pytest.raises(ModelError) as info:
+        load_mod.load_model(tiny_model_dir, ModelConfig(), dtype=torch.float32, device_map={"": 0})
+    assert "does not fit" in info.value.what and "model.device_map=auto" in info.value.fix
+
+
 def test_tf32_only_where_the_gpu_has_it(monkeypatch, tmp_path):
     from chattune.train import trainer as trainer_mod
 

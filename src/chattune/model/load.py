@@ -49,10 +49,13 @@ def resolve_dtype(name: str, *, device: str | None = None) -> torch.dtype:
     device: where the model will compute ('cuda' or 'cpu'; None: the GPU when there is one). A model kept on
     the CPU of a GPU machine is judged by the CPU's rule, never given bf16 because a GPU exists.
     """
-    if name != "auto":
-        return _DTYPES[name]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "auto":
+        if name == "bf16" and device == "cuda" and not cuda_has_native_bf16():
+            log.warning("model.dtype=bf16 on a GPU without bf16 units (compute capability < 8.0, e.g. V100, T4): "
+                        "it is emulated and slow; model.dtype=auto picks fp16 there")
+        return _DTYPES[name]
     if device == "cuda":
         # V100/T4 (compute capability < 8) get fp16: the Trainer adds a GradScaler, LoRA weights stay fp32.
         return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
@@ -173,6 +176,11 @@ def _model_error(exc: Exception, model_dir: str | Path, what: str) -> ModelError
     attention = explain_load_error(msg)
     if attention is not None:
         return attention
+    if "out of memory" in msg.lower():
+        # Inference loads onto the first GPU whole; a larger model needs spreading or quantising.
+        return ModelError(f"the {what} does not fit the GPU's memory", where=str(model_dir),
+                          fix="set model.device_map=auto (layers spread over the GPUs, then CPU memory), or "
+                          "model.quantization=4bit; docs/gpu.md lists what each recipe needs")
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
     return ModelError(f"cannot load the {what}: {first}", where=str(model_dir), fix="check that the folder is a complete Hugging Face model")
 
