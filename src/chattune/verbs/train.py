@@ -91,7 +91,7 @@ def load_lora_model(cfg: RunConfig, model_dir: Path, dtype: Any) -> Any:
                        device_map=training_device_map(cfg.model, distributed=cfg.train.distributed))
     model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
     if not is_quantized(model):
-        keep_fp16_training_stable(model, dtype)  # fp16 (V100/T4): fp32 norms and residual stream; else a no-op
+        keep_fp16_training_stable(model, dtype)  # fp16 (V100/T4): an fp32 residual stream under autocast
     return apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
 
 
