@@ -164,9 +164,11 @@ def option_logprobs(
     ids_of = letter_token_ids(tok, sorted({l for ls in letters for l in ls}))
     encoded = [renderer.prompt_ids(p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # less padding per batch
-    device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft keeps LoRA inside it
     decoder, head = base.get_decoder(), base.get_output_embeddings()
+    # With model.device_map=auto the embeddings and the head can sit on different GPUs: inputs go where the
+    # embeddings are, the last hidden state where the head is.
+    device = base.get_input_embeddings().weight.device
     cap = getattr(base.config, "final_logit_softcapping", None)
     letter_list = list(ids_of)
     column = {l: j for j, l in enumerate(letter_list)}
@@ -184,6 +186,7 @@ def option_logprobs(
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                              position_ids=positions.to(device), use_cache=False).last_hidden_state[:, -1, :]
+            hidden = hidden.to(head.weight.device)
             picked = torch.nn.functional.linear(hidden.float(), letter_w, letter_b)
             full = head(hidden).float()  # only for the softmax normaliser
             if cap:  # models that squash their logits (Gemma 2) do so before the softmax

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,11 @@ from typing import Any
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
 from chattune.model.load import load_model, resolve_dtype
-from chattune.model.placement import inference_device_map
+from chattune.model.placement import inference_device_map, map_device, model_devices, place_for_inference
 from chattune.model.sources import resolve_model_dir
 from chattune.rundir import RunDir
+
+log = logging.getLogger("chattune")
 
 
 @dataclass
@@ -39,13 +42,17 @@ def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
     model_dir = resolve_model_dir(cfg.model.name_or_path, source=cfg.model.source, revision=cfg.model.revision,
                                   trust_remote_code=cfg.model.trust_remote_code)
     # cfg.model is the run's own: the base is quantised exactly as in training; model.device_map may spread it.
-    model = load_model(model_dir, cfg.model, dtype=resolve_dtype(cfg.model.dtype),
-                       device_map=inference_device_map(cfg.model))
+    # Loaded straight onto the GPU when there is one; dtype auto judged for the device the model computes on.
+    device_map = inference_device_map(cfg.model)
+    dtype = resolve_dtype(cfg.model.dtype, device=map_device(device_map))
+    model = load_model(model_dir, cfg.model, dtype=dtype, device_map=device_map)
     if not base_only:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(run_dir.adapter))
+    model = place_for_inference(model)  # a no-op when loaded in place; never undoes accelerate's spread
     model.eval()
+    log.info("model loaded on %s (%s)", model_devices(model), str(dtype).removeprefix("torch."))
     return Session(model, renderer, cfg, run_dir)
 
 

@@ -33,13 +33,51 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """Map model.dtype to a torch dtype; auto picks bf16 wherever it is fast."""
+def cuda_has_native_bf16() -> bool:
+    """True on a GPU that computes bf16 in hardware (compute capability 8.0+: A100, L4, H100 ...).
+
+    torch.cuda.is_bf16_supported() alone also says yes on V100 and T4, which only emulate bf16 (slowly).
+    """
+    import torch.cuda
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_dtype(name: str, *, device: str | None = None) -> torch.dtype:
+    """Map model.dtype to a torch dtype; auto picks bf16 wherever it is fast.
+
+    device: where the model will compute ('cuda' or 'cpu'; None: the GPU when there is one). A model kept on
+    the CPU of a GPU machine is judged by the CPU's rule, never given bf16 because a GPU exists.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "auto":
+        if name == "bf16" and device == "cuda" and not cuda_has_native_bf16():
+            log.warning("model.dtype=bf16 on a GPU without bf16 units (compute capability < 8.0, e.g. V100, T4): "
+                        "it is emulated and slow; model.dtype=auto picks fp16 there")
         return _DTYPES[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cuda":
+        # V100/T4 (compute capability < 8) get fp16: the Trainer adds a GradScaler, LoRA weights stay fp32.
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def keep_fp16_training_stable(model: Any, dtype: torch.dtype) -> bool:
+    """In fp16 training, carry the residual stream in fp32; True when a model needed it.
+
+    fp16 tops out at 65504, and the residual stream of a deep model can pass it (NaN losses). Under autocast
+    (the Trainer's fp16 steps) the embeddings' output is cast to fp32, so every residual add stays fp32
+    (fp16 + fp32 is fp32) while the linear layers still run in fp16; the RMSNorms of transformers' models
+    compute in fp32 themselves. Outside autocast (generation) the model runs in plain fp16, as inference does.
+    """
+    if dtype != torch.float16 or not hasattr(model, "get_input_embeddings"):
+        return False
+
+    def fp32_residual(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.float() if torch.is_autocast_enabled(output.device.type) else output
+
+    model.get_input_embeddings().register_forward_hook(fp32_residual)
+    return True
 
 
 def read_template(spec: str) -> str:
@@ -138,6 +176,11 @@ def _model_error(exc: Exception, model_dir: str | Path, what: str) -> ModelError
     attention = explain_load_error(msg)
     if attention is not None:
         return attention
+    if "out of memory" in msg.lower():
+        # Inference loads onto the first GPU whole; a larger model needs spreading or quantising.
+        return ModelError(f"the {what} does not fit the GPU's memory", where=str(model_dir),
+                          fix="set model.device_map=auto (layers spread over the GPUs, then CPU memory), or "
+                          "model.quantization=4bit; docs/gpu.md lists what each recipe needs")
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
     return ModelError(f"cannot load the {what}: {first}", where=str(model_dir), fix="check that the folder is a complete Hugging Face model")
 

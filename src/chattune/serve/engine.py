@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from chattune.data.render import ChatRenderer
 from chattune.errors import ModelError
 from chattune.infer.session import load_session
 from chattune.model.load import resolve_dtype
+from chattune.model.placement import place_for_inference
 
 
 @dataclass
@@ -43,8 +42,7 @@ def load_engine(path: str | Path) -> Engine:
     else:
         raise ModelError("neither a chattune run directory (run_config.yaml) nor a model folder (config.json)",
                          where=str(path), fix="pass a run directory such as runs/demo, or the --out of `chattune merge`")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = place_for_inference(model)  # on the GPU, unless accelerate spread it (model.device_map=auto) or quantised it
     model.eval()
     config = getattr(model, "config", None)
     return Engine(model, renderer, eos, system, path.resolve().name,

@@ -16,11 +16,12 @@ from transformers import TrainerCallback
 
 from chattune.config import RunConfig
 from chattune.errors import ConfigError, MissingDependencyError
+from chattune.model.placement import SHARDED_MODES
 from chattune.train.processes import backend, under_launcher, world
 
 log = logging.getLogger("chattune")
 
-SHARDED = ("deepspeed_zero3", "fsdp")  # modes that split the weights themselves over the processes
+SHARDED = SHARDED_MODES  # modes that split the weights themselves over the processes
 _DEEPSPEED_PIP = "pip install 'chattune[deepspeed]' (deepspeed==0.19.8) on the GPU machine"
 
 

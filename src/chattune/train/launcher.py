@@ -89,6 +89,7 @@ def setup(cfg: RunConfig) -> World:
                               where="train.distributed",
                               fix="start it with `chattune train CONFIG --nproc N` (it starts torchrun), torchrun "
                               "or accelerate launch")
+        check_one_gpu_per_process()
         return w
     init_process_group(cfg)
     if not w.is_main:
@@ -98,6 +99,23 @@ def setup(cfg: RunConfig) -> World:
         log.info("distributed: %d processes were started; train.nproc=%d applies only when `chattune train` "
                  "starts them itself", w.size, cfg.train.nproc)
     return w
+
+
+def check_one_gpu_per_process() -> None:
+    """Refuse a single training process on a machine with several visible GPUs.
+
+    The Trainer would wrap the model in nn.DataParallel: a padding-free row (batch size 1) is scattered to one
+    GPU while the sample boundaries are cut, and attention silently falls back to the O(T^2) masked path.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1:
+        raise ConfigError(
+            f"one training process sees {gpus} GPUs: the Trainer would split each batch over them with "
+            "nn.DataParallel, which breaks padding-free batches",
+            where="train.nproc",
+            fix=f"use all of them: `chattune train CONFIG --nproc {gpus}` (one process per GPU, torchrun); or one: "
+            "CUDA_VISIBLE_DEVICES=0 chattune train CONFIG",
+        )
 
 
 def _quiet_deepspeed() -> None:

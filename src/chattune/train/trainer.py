@@ -11,6 +11,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from chattune.config import RunConfig
 from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.render import ChatRenderer
+from chattune.model.load import cuda_has_native_bf16
 from chattune.model.packed_attention import use_packed_attention
 from chattune.rundir import RunDir
 from chattune.track import make_trackers
@@ -89,6 +90,7 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
+        tf32=cuda_has_native_bf16() or None,  # fp32 matmuls (LoRA's, outside autocast) on tensor cores: Ampere+
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,

@@ -12,11 +12,11 @@ from transformers import set_seed
 
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
-from chattune.model.load import count_parameters, load_model, load_tokenizer, resolve_dtype
+from chattune.model.load import count_parameters, keep_fp16_training_stable, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora
 from chattune.model.packed_attention import check_padding_free
 from chattune.model.placement import training_device_map
-from chattune.model.quant import prepare_for_kbit_training
+from chattune.model.quant import is_quantized, prepare_for_kbit_training
 from chattune.model.sources import resolve_model_dir
 from chattune.rundir import RunDir, prepare_run_dir
 from chattune.train import launcher, records
@@ -89,8 +89,11 @@ def load_lora_model(cfg: RunConfig, model_dir: Path, dtype: Any) -> Any:
     """The base model (quantised for QLoRA) with fresh LoRA adapters on the modules cfg.lora names."""
     set_seed(cfg.train.seed)  # LoRA's initial weights come from the global RNG: same seed, same run
     check_padding_free(model_dir, padding_free=cfg.train.padding_free, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(model_dir, cfg.model, dtype=dtype, device_map=training_device_map(cfg.model))
+    model = load_model(model_dir, cfg.model, dtype=dtype,
+                       device_map=training_device_map(cfg.model, distributed=cfg.train.distributed))
     model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
+    if not is_quantized(model):
+        keep_fp16_training_stable(model, dtype)  # fp16 (V100/T4): an fp32 residual stream under autocast
     return apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
 
 
