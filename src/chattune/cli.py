@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from chattune import options
 from chattune.errors import ChattuneError
+from chattune.files import storage_error
 
 # Each handler imports its verb when it runs: `chattune --help`, `keys` and config errors answer without importing torch.
 
@@ -299,6 +300,12 @@ def main(argv: list[str] | None = None, *, entry: Callable[[argparse.Namespace],
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or a folder that is not writable, wherever the verb was writing
+        err = storage_error(exc)
+        if err is None or args.debug:
+            raise
+        print(f"error: {err.render()}", file=sys.stderr)
+        return err.exit_code
     return rc or 0
 
 
