@@ -3,7 +3,8 @@
 Deterministic, no timing: a fault is "the `nth` write of `kind` whose path contains `match`". When it fires,
 half of what was being written is on disk (where the writer put it) and then the write either raises an
 OSError (ENOSPC, EACCES) or the process is killed with SIGKILL (`kill`; use it in a child process, see
-fault_driver.py). The kinds are the places where bytes reach the disk:
+fault_driver.py). `pause` instead prints PAUSED and waits until stdin is closed (a live process caught in
+the middle of its work, for the lock tests). The kinds are the places where bytes reach the disk:
 
     atomic       chattune.files.atomic_path: every write_text / write_json / write_jsonl / write_bytes /
                  atomic_open (run_config.yaml, summary.json, checkpoint markers, the tokenisation cache,
@@ -53,6 +54,10 @@ class Fault:
         return self.fired is None and self.match in str(path) and \
             sum(self.match in p for p in self.seen) + 1 == self.nth
 
+    def damages(self, path: Any) -> bool:
+        """Whether the write about to happen is cut in half first (every fault except a pause)."""
+        return self.how != "pause" and self.is_next(path)
+
     def check(self, path: Any) -> None:
         """Count this write; fire when it is the chosen one (half of it is already on disk)."""
         path = str(path)
@@ -63,6 +68,10 @@ class Fault:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "pause":  # a live process in the middle of its work: wait until stdin is closed
+                print("PAUSED", flush=True)
+                sys.stdin.read()
+                return
             code, text = ERRORS[self.how]
             raise OSError(code, text, path)
 
@@ -99,7 +108,7 @@ def _faulty_writers(fault: Fault) -> dict[str, tuple[Any, Any]]:
     def atomic_path(path: Any) -> Iterator[Path]:
         with real_path(path) as tmp:
             yield tmp
-            if fault.is_next(path):
+            if fault.damages(path):
                 _halve(tmp)
             fault.check(path)
 
@@ -112,7 +121,7 @@ def _faulty_writers(fault: Fault) -> dict[str, tuple[Any, Any]]:
     def append_jsonl(path: Any, row: dict) -> None:
         import json
 
-        if fault.is_next(path):
+        if fault.damages(path):
             with open(path, "a", encoding="utf-8") as f:
                 line = json.dumps(row, ensure_ascii=False)
                 f.write(line[: len(line) // 2])
@@ -123,14 +132,14 @@ def _faulty_writers(fault: Fault) -> dict[str, tuple[Any, Any]]:
     def torch_save(obj: Any, f: Any, *a: Any, **k: Any) -> Any:
         out = real_save(obj, f, *a, **k)
         if isinstance(f, (str, os.PathLike)):
-            if fault.is_next(f):
+            if fault.damages(f):
                 _halve(Path(f))
             fault.check(f)
         return out
 
     def save_file(tensors: Any, filename: Any, *a: Any, **k: Any) -> Any:
         out = real_st(tensors, filename, *a, **k)
-        if fault.is_next(filename):
+        if fault.damages(filename):
             _halve(Path(filename))
         fault.check(filename)
         return out

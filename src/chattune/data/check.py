@@ -57,6 +57,9 @@ class CheckReport:
     lost_response_samples: int
     lost_response_tokens: int
     histogram: list[tuple[int, int, int]]
+    # The same bins split by what max_length does to each sample: (low, high, kept whole, truncated, dropped).
+    fates: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    model: str = ""  # whose tokenizer and template the lengths are counted with
     png: str | None = None
 
 
@@ -67,14 +70,15 @@ class Rendered:
     full: list[Sample]
     stats: RenderStats
     lengths: LengthStats
+    cut: list[Sample] = field(default_factory=list)  # as training keeps them (truncated, dropped ones left out)
 
 
 def render_both(renderer: ChatRenderer, conversations: Sequence[Conversation], cfg: RunConfig) -> Rendered:
     """Render without a length limit and with data.max_length / data.overlength, as training would."""
     d = cfg.data
     full, _ = render_all(renderer, conversations, max_length=1 << 62, train_on=d.train_on)
-    _, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
-    return Rendered(full, stats, sample_lengths(full))
+    cut, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
+    return Rendered(full, stats, sample_lengths(full), cut)
 
 
 def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequence[Conversation], rendered: Rendered,
@@ -86,7 +90,9 @@ def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequenc
     return CheckReport(files=files, conversations=len(conversations), duplicates=duplicates, conflicts=conflicts,
                        max_length=d.max_length, overlength=d.overlength, render=asdict(rendered.stats),
                        lengths=rendered.lengths.percentiles(), lost_response_samples=lost_samples,
-                       lost_response_tokens=lost_tokens, histogram=histogram(rendered.lengths.total, bins))
+                       lost_response_tokens=lost_tokens, histogram=histogram(rendered.lengths.total, bins),
+                       fates=fate_histogram(rendered.lengths, d.max_length, d.overlength, bins),
+                       model=cfg.model.name_or_path)
 
 
 # ---------------------------------------------------------------------------
@@ -170,6 +176,28 @@ def histogram(values: Sequence[int], bins: int) -> list[tuple[int, int, int]]:
     for v in values:
         counts[(v - lo) // width] += 1
     return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
+
+
+def fate(total: int, prompt: int, max_length: int, overlength: str) -> str:
+    """What training does with a sample of `total` tokens whose prompt has `prompt`: kept, truncated or dropped."""
+    if total <= max_length:
+        return "kept"
+    if overlength == "drop" or prompt >= max_length:  # cut to max_length nothing of the answer would be left
+        return "dropped"
+    return "truncated"
+
+
+def fate_histogram(lengths: LengthStats, max_length: int, overlength: str,
+                   bins: int) -> list[tuple[int, int, int, int, int]]:
+    """histogram()'s bins, each count split into (kept whole, truncated, dropped), so the two never mix."""
+    out = []
+    for lo, hi, _ in histogram(lengths.total, bins):
+        counts = {"kept": 0, "truncated": 0, "dropped": 0}
+        for t, p in zip(lengths.total, lengths.prompt):
+            if lo <= t < hi:
+                counts[fate(t, p, max_length, overlength)] += 1
+        out.append((lo, hi, counts["kept"], counts["truncated"], counts["dropped"]))
+    return out
 
 
 def _summary(values: Sequence[int]) -> dict[str, float]:

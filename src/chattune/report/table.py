@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,11 +118,21 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_value(value: Any) -> Any:
+    """A CSV cell: missing is empty; a float keeps 12 significant digits, written as the shortest text that reads
+    back as that number (178.39999999999998, a sum of binary fractions, becomes 178.4)."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(float(f"{value:.12g}"))
+    return value
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The same table as CSV, with unrounded numbers."""
+    """The same table as CSV, with unrounded numbers (short of float noise)."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:  # csv writes its own \r\n
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
-            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+            w.writerows({k: csv_value(v) for k, v in r.items()} for r in rows)
     return path
