@@ -20,6 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from chattune import cli
+from chattune.rundir import RunDir
+from chattune.train.checkpoints import last_checkpoint
 
 from . import faults
 from .conftest import STEPS, train_argv, write_config
@@ -109,6 +111,7 @@ def fail_then_rerun(tmp: Path, model_dir: Path, baseline: Path, mp: pytest.Monke
             assert ("no space left" in message) if how == "enospc" else ("permission denied" in message), message
     run = tmp / "run"
     assert_no_half_files(run)
+    resumes = last_checkpoint(RunDir(run)) is not None
     for entry in (tmp / "cache").rglob("*.npz"):  # a cache entry under its real name is whole
         try:
             with np.load(entry) as z:
@@ -121,7 +124,11 @@ def fail_then_rerun(tmp: Path, model_dir: Path, baseline: Path, mp: pytest.Monke
     for epoch in (0, 1, 2):
         name_ = f"epoch_{epoch}.jsonl"
         assert (run / "predictions" / name_).read_text() == (baseline / "predictions" / name_).read_text(), name_
-    assert json.loads((run / "summary.json").read_text())["global_step"] == STEPS
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == STEPS
+    parts = json.loads((run / "wall_time.json").read_text())["parts_s"]
+    assert len(parts) == (2 if resumes else 1), "a resumed run adds its time to the killed part's"
+    assert abs(summary["wall_s"] - sum(parts)) <= 0.1 * len(parts) + 0.05, (summary["wall_s"], parts)
 
 
 @pytest.mark.parametrize("name,how", [_param(n, "enospc") for n in POINTS])
