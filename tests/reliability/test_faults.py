@@ -176,3 +176,27 @@ def test_enospc_names_the_path_the_space_and_the_checkpoint_that_is_intact(tmp_p
     # checkpoint-3 is untouched and complete: the staged checkpoint-6 is not published
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if not p.name.startswith(".")) == \
         ["checkpoint-3"]
+
+
+@pytest.mark.slow
+def test_kill_9_at_five_random_points_then_the_same_command_gives_the_uninterrupted_adapter(tmp_path, tiny_model_dir,
+                                                                                           baseline):
+    """The acceptance run: the same command killed with SIGKILL five times, at seeded random steps (a later step
+    each time, so each kill lands), then run to the end: the adapter of the uninterrupted run, bit for bit."""
+    import random
+
+    from .conftest import run_driver
+
+    argv = _argv(tmp_path, tiny_model_dir)
+    points = sorted(random.Random(23).sample(range(1, STEPS), 5))  # global steps; the kill comes before step + 1
+    run = tmp_path / "run"
+    for step in points:
+        proc = run_driver("kill", step, argv)
+        assert proc.returncode == -9, f"kill at step {step}: {proc.stderr[-2000:]}"
+        assert not (run / "summary.json").exists()
+        assert_no_half_files(run)
+    assert cli.main(argv) == 0
+    assert_same_curve(run, baseline)
+    assert_same_adapter(run, baseline)
+    parts = json.loads((run / "wall_time.json").read_text())["parts_s"]
+    assert len(parts) >= 2, "the parts after the first checkpoint add up"

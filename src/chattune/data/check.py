@@ -5,6 +5,7 @@ Pure analysis: the caller loads the tokenizer (model.load) and draws figures (re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -70,15 +71,14 @@ class Rendered:
     full: list[Sample]
     stats: RenderStats
     lengths: LengthStats
-    cut: list[Sample] = field(default_factory=list)  # as training keeps them (truncated, dropped ones left out)
 
 
 def render_both(renderer: ChatRenderer, conversations: Sequence[Conversation], cfg: RunConfig) -> Rendered:
     """Render without a length limit and with data.max_length / data.overlength, as training would."""
     d = cfg.data
     full, _ = render_all(renderer, conversations, max_length=1 << 62, train_on=d.train_on)
-    cut, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
-    return Rendered(full, stats, sample_lengths(full), cut)
+    _, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
+    return Rendered(full, stats, sample_lengths(full))
 
 
 def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequence[Conversation], rendered: Rendered,
@@ -91,7 +91,7 @@ def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequenc
                        max_length=d.max_length, overlength=d.overlength, render=asdict(rendered.stats),
                        lengths=rendered.lengths.percentiles(), lost_response_samples=lost_samples,
                        lost_response_tokens=lost_tokens, histogram=histogram(rendered.lengths.total, bins),
-                       fates=fate_histogram(rendered.lengths, d.max_length, d.overlength, bins),
+                       fates=fate_histogram(rendered.full, d.max_length, d.overlength, bins),
                        model=cfg.model.name_or_path)
 
 
@@ -133,14 +133,19 @@ def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
 
 def find_duplicates(conversations: Sequence[Conversation]) -> tuple[list[list[str]], list[list[str]]]:
     """(groups of identical conversations, groups with the same prompt but different answers), as locations."""
-    same: dict[str, list[str]] = defaultdict(list)
-    prompts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    # Keyed by digests, not by the texts: the keys would otherwise hold a second copy of the whole data set.
+    same: dict[bytes, list[str]] = defaultdict(list)
+    prompts: dict[bytes, dict[bytes, list[str]]] = defaultdict(lambda: defaultdict(list))
     for c in conversations:
-        same[json.dumps(c.messages, ensure_ascii=False)].append(c.where)
-        prompts[json.dumps(c.prompt, ensure_ascii=False)][c.reference].append(c.where)
+        same[_digest(c.messages)].append(c.where)
+        prompts[_digest(c.prompt)][_digest(c.reference)].append(c.where)
     duplicates = [w for w in same.values() if len(w) > 1]
     conflicts = [[ws[0] for ws in answers.values()] for answers in prompts.values() if len(answers) > 1]
     return duplicates, conflicts
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.blake2b(json.dumps(value, ensure_ascii=False).encode(), digest_size=16).digest()
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -178,26 +183,27 @@ def histogram(values: Sequence[int], bins: int) -> list[tuple[int, int, int]]:
     return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
 
 
-def fate(total: int, prompt: int, max_length: int, overlength: str) -> str:
-    """What training does with a sample of `total` tokens whose prompt has `prompt`: kept, truncated or dropped."""
-    if total <= max_length:
+def fate(sample: Sample, max_length: int, overlength: str) -> str:
+    """What training does with an (untruncated) sample: "kept" whole, "truncated" to max_length, or "dropped"."""
+    if len(sample.input_ids) <= max_length:
         return "kept"
-    if overlength == "drop" or prompt >= max_length:  # cut to max_length nothing of the answer would be left
+    first = next((i for i, l in enumerate(sample.labels) if l != IGNORE), len(sample.labels))
+    if overlength == "drop" or first >= max_length:  # cut to max_length nothing of the answer would be left
         return "dropped"
     return "truncated"
 
 
-def fate_histogram(lengths: LengthStats, max_length: int, overlength: str,
+def fate_histogram(samples: Sequence[Sample], max_length: int, overlength: str,
                    bins: int) -> list[tuple[int, int, int, int, int]]:
-    """histogram()'s bins, each count split into (kept whole, truncated, dropped), so the two never mix."""
-    out = []
-    for lo, hi, _ in histogram(lengths.total, bins):
-        counts = {"kept": 0, "truncated": 0, "dropped": 0}
-        for t, p in zip(lengths.total, lengths.prompt):
-            if lo <= t < hi:
-                counts[fate(t, p, max_length, overlength)] += 1
-        out.append((lo, hi, counts["kept"], counts["truncated"], counts["dropped"]))
-    return out
+    """histogram()'s bins of whole-sample lengths, each count split into (kept whole, truncated, dropped)."""
+    hist = histogram([len(s.input_ids) for s in samples], bins)
+    if not hist:
+        return []
+    lo, width = hist[0][0], hist[0][1] - hist[0][0]
+    counts = [{"kept": 0, "truncated": 0, "dropped": 0} for _ in hist]
+    for s in samples:
+        counts[(len(s.input_ids) - lo) // width][fate(s, max_length, overlength)] += 1
+    return [(a, b, c["kept"], c["truncated"], c["dropped"]) for (a, b, _), c in zip(hist, counts)]
 
 
 def _summary(values: Sequence[int]) -> dict[str, float]:

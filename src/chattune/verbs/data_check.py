@@ -19,7 +19,7 @@ from typing import Sequence
 from rich.console import Console
 
 from chattune.config import RunConfig
-from chattune.data.check import CheckReport, build_report, default_out, render_both, scan_files
+from chattune.data.check import CheckReport, build_report, default_out, fate, render_both, scan_files
 from chattune.data.render import ChatRenderer
 from chattune.errors import DataError
 from chattune.files import write_json
@@ -73,7 +73,8 @@ def check_with_model(console: Console, cfg: RunConfig, files: list, conversation
         view.show_previews(console, renderer, rendered.full[:preview], d.max_length)
     write_json(out_dir / "check.json", asdict(report))
     console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)
-    verdict(report, cfg, used=sum(s.where in trained.wheres for s in rendered.cut), trained=trained,
+    used = sum(s.where in trained.wheres and fate(s, d.max_length, d.overlength) != "dropped" for s in rendered.full)
+    verdict(report, cfg, used=used, trained=trained,
             model=cfg.model.name_or_path if named else "")
     return report
 
