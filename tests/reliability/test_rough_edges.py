@@ -135,10 +135,12 @@ def test_deepspeeds_cpu_note_stays_off_stdout(caplog):
 
 def test_csv_floats_have_no_noise(tmp_path):
     path = write_csv([{"run": "a", "wall time (s)": 178.39999999999998, "loss": 0.1 + 0.2, "tiny": 1e-7 * 3,
-                       "steps": 12, "eval": None, "big": 123456789.123456789}], tmp_path / "t.csv")
+                       "steps": 12, "eval": None, "big": 123456789.123456789, "loss2": 11.80251407623291}],
+                     tmp_path / "t.csv")
     (row,) = csv.DictReader(path.open(encoding="utf-8"))
     assert row == {"run": "a", "wall time (s)": "178.4", "loss": "0.3", "tiny": "3e-07", "steps": "12", "eval": "",
-                   "big": "123456789.123"}
+                   "big": "123456789.12345679", "loss2": "11.80251407623291"}
+    assert float(row["loss2"]) == 11.80251407623291, "a measured value reads back unchanged"
 
 
 def test_the_sweep_table_is_markdown_when_stdout_is_not_a_terminal(capsys):

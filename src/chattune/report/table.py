@@ -119,17 +119,19 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def csv_value(value: Any) -> Any:
-    """A CSV cell: missing is empty; a float keeps 12 significant digits, written as the shortest text that reads
-    back as that number (178.39999999999998, a sum of binary fractions, becomes 178.4)."""
+    """A CSV cell: missing is empty; a float that arithmetic left a few units in the last place off a short
+    decimal (178.39999999999998, a sum of binary fractions) is written as that decimal (178.4); any other float
+    as Python's shortest exact text, so measured values (losses) read back unchanged."""
     if value is None:
         return ""
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(float(f"{value:.12g}"))
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        short = float(f"{value:.12g}")
+        return repr(short) if abs(short - value) <= 4 * math.ulp(value) else repr(value)
     return value
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The same table as CSV, with unrounded numbers (short of float noise)."""
+    """The same table as CSV, with unrounded numbers (without float noise)."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:  # csv writes its own \r\n
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
