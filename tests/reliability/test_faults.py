@@ -24,7 +24,7 @@ from chattune.rundir import RunDir
 from chattune.train.checkpoints import last_checkpoint
 
 from . import faults
-from .conftest import STEPS, train_argv, write_config
+from .conftest import FIX, STEPS, train_argv, write_config
 from .test_resume import assert_same_adapter, assert_same_curve
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -200,3 +200,55 @@ def test_kill_9_at_five_random_points_then_the_same_command_gives_the_uninterrup
     assert_same_adapter(run, baseline)
     parts = json.loads((run / "wall_time.json").read_text())["parts_s"]
     assert len(parts) >= 2, "the parts after the first checkpoint add up"
+
+
+# ---------------------------------------------------------------------------
+# the outputs of later verbs
+
+
+def _predict(run: Path, out: Path) -> int:
+    return cli.main(["predict", str(run), "--data", str(FIX / "alpaca.json"), "--out", str(out),
+                     "--max-new-tokens", "4", "--batch-size", "1"])
+
+
+@pytest.fixture(scope="module")
+def predicted(baseline, tmp_path_factory) -> Path:
+    """An uninterrupted `chattune predict` of the baseline run: the reference OUT."""
+    out = tmp_path_factory.mktemp("predict") / "answers.jsonl"
+    assert _predict(baseline, out) == 0
+    return out
+
+
+@pytest.mark.parametrize("how", ["enospc", pytest.param("kill", marks=pytest.mark.slow)])
+def test_predict_failing_in_an_append_then_the_same_command_gives_the_same_out(how, baseline, predicted, tmp_path,
+                                                                              monkeypatch, capsys):
+    out = tmp_path / "answers.jsonl"
+    argv = ["predict", str(baseline), "--data", str(FIX / "alpaca.json"), "--out", str(out), "--max-new-tokens", "4",
+            "--batch-size", "1"]
+    if how == "kill":
+        proc = subprocess.run([sys.executable, str(DRIVER), "append", "answers.jsonl", "3", "kill", "--", *argv],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+    else:
+        with pytest.MonkeyPatch.context() as armed:
+            faults.armed("append", "answers.jsonl", 3, "enospc")(armed)
+            assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out}: cannot write it: no space left on device" in err
+    lines = out.read_text().split("\n")
+    assert len(lines) == 3 and lines[-1] and not lines[-1].endswith("}"), "two answers and a torn third line"
+    assert cli.main(argv) == 0
+    assert out.read_text() == predicted.read_text()
+
+
+@pytest.mark.slow
+def test_merge_failing_before_its_folder_is_published_leaves_no_out(baseline, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "merged"
+    with pytest.MonkeyPatch.context() as armed:
+        faults.armed("safetensors", ".merged.tmp", 1, "enospc")(armed)
+        assert cli.main(["merge", str(baseline), "--out", str(out)]) == 2
+    assert "no space left on device" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")], \
+        "no half-written OUT and no leftovers"
+    assert cli.main(["merge", str(baseline), "--out", str(out)]) == 0
+    assert load_file(next(out.glob("*.safetensors")))  # whole
