@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,21 @@ def test_merge_failing_before_its_folder_is_published_leaves_no_out(baseline, tm
         "no half-written OUT and no leftovers"
     assert cli.main(["merge", str(baseline), "--out", str(out)]) == 0
     assert load_file(next(out.glob("*.safetensors")))  # whole
+
+
+def test_eval_failing_to_write_its_result_then_the_same_command_gives_the_same_result(baseline, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    argv = ["eval", str(run), "--data", str(FIX / "alpaca.json"), "--metrics", "exact", "--max-new-tokens", "4",
+            "--name", "faulty"]
+    with pytest.MonkeyPatch.context() as armed:
+        fault = faults.armed("atomic", "faulty.json", 1, "enospc")(armed)
+        assert cli.main(argv) == 2
+    assert fault.fired and "no space left on device" in capsys.readouterr().err
+    assert not (run / "eval" / "faulty.json").exists(), "no half result under the real name"
+    assert_no_half_files(run)
+    assert cli.main(argv) == 0
+    result = json.loads((run / "eval" / "faulty.json").read_text())
+    predictions = (run / "eval" / "faulty.predictions.jsonl").read_text().splitlines()
+    assert result["predictions"].endswith("faulty.predictions.jsonl") and len(predictions) == 5
+    assert all(json.loads(line) for line in predictions)
