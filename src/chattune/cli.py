@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from chattune import options
 from chattune.errors import ChattuneError
+from chattune.files import storage_error
 
 # Each handler imports its verb when it runs: `chattune --help`, `keys` and config errors answer without importing torch.
 
@@ -253,6 +254,24 @@ def _filter_noisy_warnings() -> None:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=re.escape(module) + r"\Z")
 
 
+class _OffStdout(logging.Filter):
+    """DeepSpeed logs "Setting accelerator to CPU ..." to stdout on machines without a GPU, where it is expected;
+    stdout is for results (`chattune predict ... | jq`). The note goes to chattune's log at debug level instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Setting accelerator to CPU" in record.getMessage():
+            logging.getLogger("chattune").debug("deepspeed: %s", record.getMessage())
+            return False
+        return True
+
+
+def keep_deepspeed_off_stdout() -> None:
+    """Install _OffStdout on DeepSpeed's logger (before DeepSpeed is imported; it keeps the logger's filters)."""
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _OffStdout) for f in ds.filters):
+        ds.addFilter(_OffStdout())
+
+
 def _quiet_libraries() -> None:
     # Library chatter (deprecation notes, tokenizer hints) buries our own messages.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -287,6 +306,7 @@ def main(argv: list[str] | None = None, *, entry: Callable[[argparse.Namespace],
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    keep_deepspeed_off_stdout()
     if not args.debug:
         _quiet_libraries()
     try:
@@ -299,6 +319,12 @@ def main(argv: list[str] | None = None, *, entry: Callable[[argparse.Namespace],
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or a folder that is not writable, wherever the verb was writing
+        err = storage_error(exc)
+        if err is None or args.debug:
+            raise
+        print(f"error: {err.render()}", file=sys.stderr)
+        return err.exit_code
     return rc or 0
 
 

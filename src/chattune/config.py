@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -209,25 +209,63 @@ def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path |
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            loc = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(
-                f"not valid YAML ({getattr(exc, 'problem', exc)})", where=loc, fix="fix the YAML syntax at or just before that line (often the indentation: the keys of one section must line up)"
-            ) from None
+            raise yaml_error(path, exc) from None
         if not isinstance(raw, dict):
             raise ConfigError("the top level must be a mapping of sections (model:, data:, ...)", where=str(path))
     for item in overrides:
         _apply_override(raw, item)
-    cfg = validate(raw, where=where)
+    cfg = validate(raw, where=where, overrides=override_keys(overrides))
     return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
 
 
-def validate(raw: dict[str, Any], *, where: str = "config") -> RunConfig:
-    """Build a RunConfig, turning every pydantic error into one ConfigError listing all of them."""
+def yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    """Where a YAML file stops parsing; for a bracket or quote never closed, the line where it was opened."""
+    mark = getattr(exc, "problem_mark", None)
+    opened = getattr(exc, "context_mark", None)
+    context = str(getattr(exc, "context", "") or "")
+    if opened is not None and mark is not None and opened.line != mark.line and \
+            ("flow" in context or "quoted" in context):
+        what = "a [ list" if "sequence" in context else "a { mapping" if "mapping" in context else "a quoted text"
+        return ConfigError(f"not valid YAML: {what} opened on this line is never closed (the parser gave up at "
+                           f"line {mark.line + 1}: {getattr(exc, 'problem', exc)})", where=f"{path}:{opened.line + 1}",
+                           fix="close it on the same line, e.g. [q_proj, v_proj]")
+    loc = f"{path}:{mark.line + 1}" if mark else str(path)
+    return ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=loc,
+                       fix="fix the YAML syntax at or just before that line (often the indentation: the keys of one "
+                       "section must line up)")
+
+
+def override_keys(overrides: Sequence[str]) -> dict[str, str]:
+    """key -> the key=value override that set it (errors about those keys name the override, not the file)."""
+    return {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+
+
+def _origin(key: str, overrides: dict[str, str]) -> str | None:
+    """The override that set `key` or a section above it."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in overrides:
+            return overrides[".".join(parts[:n])]
+    return None
+
+
+def validate(raw: dict[str, Any], *, where: str = "config", overrides: dict[str, str] | None = None) -> RunConfig:
+    """Build a RunConfig, turning every pydantic error into one ConfigError listing all of them.
+
+    overrides (override_keys()): a problem with a key set on the command line names that override, and
+    `where` says "command line" when every problem comes from there.
+    """
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err, raw) for err in exc.errors()]
+        overrides = overrides or {}
+        origins = [_origin(".".join(str(p) for p in err["loc"]), overrides) for err in exc.errors()]
+        problems = [_describe(err, raw) + (f" [from the command line: {o}]" if o else "")
+                    for err, o in zip(exc.errors(), origins)]
+        if origins and all(origins):
+            where = "command line"
+        elif any(origins):
+            where = f"{where} and the command line"
         raise ConfigError(
             f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
             where=where,

@@ -63,6 +63,14 @@ class RunDirError(ChattuneError):
     """A run directory is missing files or would be overwritten."""
 
 
+class StorageError(ChattuneError):
+    """A file could not be written: the disk (or quota) is full, or the folder is not writable."""
+
+
+class LockedError(ChattuneError):
+    """Another live chattune process is writing to the same output (the lock file names it)."""
+
+
 class MergeCheckError(ChattuneError):
     """The merged model does not reproduce the adapter model's logits."""
 

@@ -8,6 +8,7 @@ and JSON-lines helpers built on it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from chattune.errors import StorageError
 
 # The umask at import: the fallback where the kernel does not show it (reading it with os.umask means changing
 # it for a moment, which is not thread-safe; imports happen before threads start).
@@ -178,3 +181,65 @@ def _ordinary_permissions(folder: Path) -> None:
     os.chmod(folder, dirs)
     for p in folder.rglob("*"):
         os.chmod(p, dirs if p.is_dir() else files)
+
+
+# ---------------------------------------------------------------------------
+# a write that failed because of the disk, told as one paragraph
+
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space left, quota exceeded, file too large
+DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}  # not writable, read-only filesystem
+
+
+def tree_size(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 when missing)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space on the filesystem holding `path` (its nearest existing parent), None when unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def storage_error(exc: BaseException, *, path: str | Path | None = None, needed: int | None = None,
+                  kept: str | None = None) -> StorageError | None:
+    """The one-paragraph error for a write that failed for lack of space or permission; None for other errors.
+
+    path: what was being written (else the exception's own file name); needed: an estimate of the bytes the
+    write needs; kept: what is still intact and how to continue (e.g. the last checkpoint and the resume command).
+    """
+    if not isinstance(exc, OSError) or exc.errno not in FULL | DENIED:
+        return None
+    target = Path(exc.filename or path or ".")
+    where = str(exc.filename or path or "writing a file")
+    if exc.errno in FULL:
+        free = free_bytes(target)
+        size = f"about {human_bytes(needed)} needed" if needed else "the size of the write is unknown"
+        what = (f"cannot write it: {os.strerror(exc.errno).lower()} ({size}"
+                + (f", {human_bytes(free)} free there" if free is not None else "") + ")")
+        fix = "free some space on that disk, or choose an output folder on another disk"
+    else:
+        folder = target if target.is_dir() else target.parent
+        what = f"cannot write it: {os.strerror(exc.errno).lower()}"
+        fix = (f"make {folder} writable for this user (e.g. chmod u+w {folder}), or choose an output folder you "
+               "can write to")
+    if kept:
+        fix += f"; {kept}"
+    return StorageError(what, where=where, fix=fix)

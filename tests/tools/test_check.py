@@ -81,7 +81,10 @@ def test_truncation_counts_on_a_crafted_file(crafted, tiny_model_dir, tmp_path, 
     assert len(report["conflicts"]) == 1
     assert "3 sample(s) truncated; 3 lose response tokens" in out and "3 lose the end-of-turn token" in out
     assert "1 sample(s) dropped: the prompt alone fills max_length=64" in out
-    assert "ok: training would use 7 samples (1 invalid row(s) skipped)" in out
+    # 8 valid rows -> 7 samples; the first 5 rows are held out as probes (tracking.probe_size=5), leaving rows 5, 6
+    # and 8, of which row 6 is dropped: 2 samples are trained on.
+    assert "ok: training would use 2 samples (5 held out as probes (tracking.probe_size); 1 invalid row(s) skipped)" \
+        in out
     png = Path(report["png"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(c for _, _, c in report["histogram"]) == 8
@@ -128,3 +131,50 @@ def test_histogram_bins_cover_every_value_once():
     assert sum(c for _, _, c in bins) == len(values)
     assert bins[0][0] == 1 and bins[-1][1] > 100
     assert all(a[1] == b[0] for a, b in zip(bins, bins[1:]))
+
+
+def test_would_use_counts_the_eval_hold_out(crafted, tmp_path, capsys):
+    cfg = crafted("on_bad_record: skip", "eval_size: 2")
+    assert cli.main(["data", "check", str(cfg), "--preview", "0", "--out", str(tmp_path / "chk"),
+                     "tracking.probe_size=0"]) == 0
+    out = capsys.readouterr().out
+    from chattune.config import load
+    from chattune.data.split import split_eval
+    from chattune.data.check import scan_files
+    _, convs = scan_files(load(cfg))
+    train, held = split_eval(convs, size=2, seed=load(cfg).train.seed)  # the split training makes
+    dropped = {f"{tmp_path / 'crafted.json'}[6]"}  # its prompt alone fills max_length
+    expected = sum(c.where not in dropped for c in train)
+    assert len(held) == 2 and expected < 7
+    assert f"ok: training would use {expected} samples (2 conversation(s) held out for eval by data.eval_size=2; " \
+        "1 invalid row(s) skipped)" in out
+
+
+def test_histogram_keeps_dropped_and_truncated_apart(crafted, tmp_path, capsys):
+    for overlength, fates in (("truncate", (5, 2, 1)), ("drop", (5, 0, 3))):
+        out_dir = tmp_path / overlength
+        assert cli.main(["data", "check", str(crafted("on_bad_record: skip", f"overlength: {overlength}")),
+                         "--preview", "0", "--out", str(out_dir)]) == 0
+        report = json.loads((out_dir / "check.json").read_text())
+        kept, cut, dropped = (sum(b[i] for b in report["fates"]) for i in (2, 3, 4))
+        assert (kept, cut, dropped) == fates, overlength
+        assert [b[:2] for b in report["fates"]] == [b[:2] for b in report["histogram"]]
+        assert all(k + t + d == c for (_, _, k, t, d), (_, _, c) in zip(report["fates"], report["histogram"]))
+    out = capsys.readouterr().out
+    assert "truncated)" in out and "dropped)" in out and "yellow: truncated to max_length=64, red: dropped" in out
+
+
+def test_a_sweep_over_models_checks_each_tokenizer_and_names_it(crafted, tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    cfg = crafted("on_bad_record: skip")
+    cfg.write_text(cfg.read_text() + f"sweep:\n  grid:\n    model.name_or_path: [{tiny_model_dir}, {other}]\n")
+    assert cli.main(["data", "check", str(cfg), "--preview", "0", "--out", str(tmp_path / "chk")]) == 0
+    out = capsys.readouterr().out
+    for model in (tiny_model_dir, other):
+        report = json.loads((tmp_path / "chk" / str(model).strip("/").replace("/", "_") / "check.json").read_text())
+        assert report["model"] == str(model)
+        assert f"tokenizer and template of {model}" in out.replace("\n", "")
+        assert f"ok: training would use 2 samples with the tokenizer of {model}" in out

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -143,7 +144,7 @@ def render_cached(
         try:
             samples, stats = _load(path)
             return samples, stats, True
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             path.unlink(missing_ok=True)  # a damaged entry is rebuilt, never trusted
     workers = workers if workers is not None else 1  # see PARALLEL_MIN
     samples, stats = render_parallel(renderer, conversations, workers=workers, **settings)

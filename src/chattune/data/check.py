@@ -5,6 +5,7 @@ Pure analysis: the caller loads the tokenizer (model.load) and draws figures (re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,9 @@ class CheckReport:
     lost_response_samples: int
     lost_response_tokens: int
     histogram: list[tuple[int, int, int]]
+    # The same bins split by what max_length does to each sample: (low, high, kept whole, truncated, dropped).
+    fates: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    model: str = ""  # whose tokenizer and template the lengths are counted with
     png: str | None = None
 
 
@@ -86,7 +90,9 @@ def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequenc
     return CheckReport(files=files, conversations=len(conversations), duplicates=duplicates, conflicts=conflicts,
                        max_length=d.max_length, overlength=d.overlength, render=asdict(rendered.stats),
                        lengths=rendered.lengths.percentiles(), lost_response_samples=lost_samples,
-                       lost_response_tokens=lost_tokens, histogram=histogram(rendered.lengths.total, bins))
+                       lost_response_tokens=lost_tokens, histogram=histogram(rendered.lengths.total, bins),
+                       fates=fate_histogram(rendered.full, d.max_length, d.overlength, bins),
+                       model=cfg.model.name_or_path)
 
 
 # ---------------------------------------------------------------------------
@@ -127,14 +133,19 @@ def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
 
 def find_duplicates(conversations: Sequence[Conversation]) -> tuple[list[list[str]], list[list[str]]]:
     """(groups of identical conversations, groups with the same prompt but different answers), as locations."""
-    same: dict[str, list[str]] = defaultdict(list)
-    prompts: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    # Keyed by digests, not by the texts: the keys would otherwise hold a second copy of the whole data set.
+    same: dict[bytes, list[str]] = defaultdict(list)
+    prompts: dict[bytes, dict[bytes, list[str]]] = defaultdict(lambda: defaultdict(list))
     for c in conversations:
-        same[json.dumps(c.messages, ensure_ascii=False)].append(c.where)
-        prompts[json.dumps(c.prompt, ensure_ascii=False)][c.reference].append(c.where)
+        same[_digest(c.messages)].append(c.where)
+        prompts[_digest(c.prompt)][_digest(c.reference)].append(c.where)
     duplicates = [w for w in same.values() if len(w) > 1]
     conflicts = [[ws[0] for ws in answers.values()] for answers in prompts.values() if len(answers) > 1]
     return duplicates, conflicts
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.blake2b(json.dumps(value, ensure_ascii=False).encode(), digest_size=16).digest()
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -170,6 +181,29 @@ def histogram(values: Sequence[int], bins: int) -> list[tuple[int, int, int]]:
     for v in values:
         counts[(v - lo) // width] += 1
     return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
+
+
+def fate(sample: Sample, max_length: int, overlength: str) -> str:
+    """What training does with an (untruncated) sample: "kept" whole, "truncated" to max_length, or "dropped"."""
+    if len(sample.input_ids) <= max_length:
+        return "kept"
+    first = next((i for i, l in enumerate(sample.labels) if l != IGNORE), len(sample.labels))
+    if overlength == "drop" or first >= max_length:  # cut to max_length nothing of the answer would be left
+        return "dropped"
+    return "truncated"
+
+
+def fate_histogram(samples: Sequence[Sample], max_length: int, overlength: str,
+                   bins: int) -> list[tuple[int, int, int, int, int]]:
+    """histogram()'s bins of whole-sample lengths, each count split into (kept whole, truncated, dropped)."""
+    hist = histogram([len(s.input_ids) for s in samples], bins)
+    if not hist:
+        return []
+    lo, width = hist[0][0], hist[0][1] - hist[0][0]
+    counts = [{"kept": 0, "truncated": 0, "dropped": 0} for _ in hist]
+    for s in samples:
+        counts[(len(s.input_ids) - lo) // width][fate(s, max_length, overlength)] += 1
+    return [(a, b, c["kept"], c["truncated"], c["dropped"]) for (a, b, _), c in zip(hist, counts)]
 
 
 def _summary(values: Sequence[int]) -> dict[str, float]:

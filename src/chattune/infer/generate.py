@@ -65,6 +65,21 @@ def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+# What a tokenizer decodes the first bytes of a character to, when the tokens holding its last bytes were
+# never generated (the answer hit max_new_tokens inside a multi-byte character).
+REPLACEMENT = "\ufffd"
+
+
+def whole_characters(text: str) -> str:
+    """`text` without a character cut off at its end (U+FFFD left by a partial UTF-8 byte sequence)."""
+    return text.rstrip(REPLACEMENT)
+
+
+def decode_answer(tok: Any, ids: Any) -> str:
+    """The generated tokens as text: special tokens dropped, ending at the last whole character, stripped."""
+    return whole_characters(tok.decode(ids, skip_special_tokens=True)).strip()
+
+
 def generate_batch(
     model: Any,
     renderer: ChatRenderer,
@@ -120,7 +135,7 @@ def generate_batch(
                     **sampling,
                 )
             for row, i in enumerate(idx):
-                answers[i] = tok.decode(out[row, ids.shape[1]:], skip_special_tokens=True).strip()
+                answers[i] = decode_answer(tok, out[row, ids.shape[1]:])
             if progress is not None:
                 progress(len(idx))
     return answers

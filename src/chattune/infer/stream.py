@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
-from chattune.infer.generate import inference_mode, left_pad
+from chattune.infer.generate import inference_mode, left_pad, whole_characters
 from chattune.infer.session import Session
 from chattune.options import GENERATION
 
@@ -43,10 +43,22 @@ def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_t
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield from streamer
+    yield from whole_pieces(streamer)
     thread.join()
     if errors:
         raise errors[0]
+
+
+def whole_pieces(pieces: Iterable[str]) -> Iterator[str]:
+    """Streamed text with a character cut at the end held back: U+FFFD at the end of a piece is shown only once
+    more text follows it; at the end of the answer (max_new_tokens reached mid-character) it is dropped."""
+    held = ""
+    for piece in pieces:
+        text = held + piece
+        whole = whole_characters(text)
+        held = text[len(whole):]
+        if whole:
+            yield whole
 
 
 def stream_labelled(session: Session, messages: list[dict[str, str]], label: str, out: TextIO, **gen) -> str:

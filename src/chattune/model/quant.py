@@ -30,6 +30,7 @@ def to_bnb_config(cfg: ModelConfig, dtype: torch.dtype) -> Any:
         raise MissingDependencyError("bitsandbytes", pip=extra_pip("qlora"), note="bitsandbytes==0.50.2",
                                      needed_for=f"model.quantization={cfg.quantization}", where="model.quantization",
                                      otherwise="set model.quantization=none")
+    check_bitsandbytes_imports(cfg.quantization)
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "8bit":
@@ -40,6 +41,20 @@ def to_bnb_config(cfg: ModelConfig, dtype: torch.dtype) -> Any:
         bnb_4bit_use_double_quant=cfg.bnb_4bit_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg, dtype),
     )
+
+
+def check_bitsandbytes_imports(quantization: str) -> None:
+    """bitsandbytes is installed but cannot be imported (a missing native library, a mismatched torch): a
+    dependency problem, said as one, before transformers reports it as a problem with the model folder."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError (a .so), RuntimeError (CUDA setup): same fix
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        raise MissingDependencyError(
+            "bitsandbytes", pip="pip install --force-reinstall 'bitsandbytes==0.50.2'",
+            what=f"model.quantization={quantization} needs the bitsandbytes package, which is installed but "
+            f"broken: importing it fails ({reason})", where="model.quantization",
+            note="a version built for this torch and platform", otherwise="set model.quantization=none") from None
 
 
 def is_quantized(model: Any) -> bool:

@@ -8,6 +8,7 @@ ModelScope id. Everything downstream then loads the folder with plain
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -70,12 +71,14 @@ def resolve_model_dir(
     path = Path(name).expanduser()
     if path.exists():
         return _local(path)
+    _refuse_typo(name)
     if _looks_local(name, explicit_remote=source != "auto"):
         shown = name if str(path.absolute()) == name else f"{name} ({path.absolute()})"
         raise ModelError(
-            f"the model path {shown} does not exist",
+            f"no such local folder: the model path {shown} does not exist (nothing was asked of the hub)",
             where=_WHERE,
-            fix=f"check the path (relative paths start from {os.getcwd()}), or give {_choices()}",
+            fix=f"check the path (relative paths start from {os.getcwd()}), or give {_choices()}; if {name} is a "
+            "hub repo, set model.source=hf",
         )
     if not _HUB_ID.match(name):
         raise ModelError(f"{name!r} is not a model this tool can find", where=_WHERE, fix=f"give {_choices()}")
@@ -212,6 +215,21 @@ def _local(path: Path) -> Path:
     )
 
 
+def _refuse_typo(name: str) -> None:
+    """A bare name close to a packaged alias (smollm2-135) is a typo, not a hub id: say which alias was meant."""
+    if "/" in name or "\\" in name:
+        return
+    close = difflib.get_close_matches(name.lower(), list(PACKAGED_ALIASES), n=1, cutoff=0.75)
+    if close:
+        raise ModelError(f"unknown model {name!r}: did you mean {close[0]}?", where=_WHERE,
+                         fix=f"set model.name_or_path={close[0]} (packaged: {', '.join(PACKAGED_ALIASES)})")
+
+
+# First parts of a relative path that name a local folder, not a hub organisation (models/my-model, runs/x/merged).
+_LOCAL_FIRST_PARTS = {"models", "model", "runs", "run", "outputs", "output", "checkpoints", "checkpoint", "ckpt",
+                      "merged", "exports", "export", "data", "tmp", "weights"}
+
+
 def _looks_local(name: str, *, explicit_remote: bool) -> bool:
     """Whether a name that does not exist was meant as a path rather than a remote id."""
     if name.startswith(("/", ".", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) or name.endswith(".gguf"):
@@ -219,8 +237,9 @@ def _looks_local(name: str, *, explicit_remote: bool) -> bool:
     parts = name.replace("\\", "/").split("/")
     if len(parts) > 2:  # hub ids have one slash
         return True
-    # `runs/merged` while ./runs exists is a mistyped path, not a repo; an explicit source says it is remote
-    return len(parts) == 2 and not explicit_remote and Path(parts[0]).exists()
+    # `runs/merged` while ./runs exists, or `models/my-model`, is a mistyped path, not a repo; an explicit source
+    # says it is remote
+    return len(parts) == 2 and not explicit_remote and (Path(parts[0]).exists() or parts[0] in _LOCAL_FIRST_PARTS)
 
 
 def _from_hub(repo_id: str, revision: str | None, allow: list[str]) -> Path:

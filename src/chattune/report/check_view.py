@@ -88,17 +88,21 @@ def show_lengths(console: Console, report: CheckReport, stats: RenderStats, supe
         log.debug("render: %s", line)
 
 
-def show_histogram(console: Console, hist: list[tuple[int, int, int]], max_length: int, width: int = 40) -> None:
-    """A horizontal bar per bin; bins past max_length in red."""
+def show_histogram(console: Console, hist: list[tuple[int, int, int, int, int]], max_length: int,
+                   width: int = 40, model: str = "") -> None:
+    """A horizontal bar per bin, split into samples kept whole (cyan), truncated (yellow) and dropped (red)."""
     if not hist:
         return
-    top = max(c for _, _, c in hist)
-    console.print("\ntoken length histogram (whole sample):")
-    for lo, hi, c in hist:
-        bar = "█" * round(width * c / top) if c else ""
-        colour = "red" if hi - 1 > max_length else "cyan"
-        console.print(f"  {lo:>6}–{hi - 1:<6} [{colour}]{bar:<{width}}[/] {c}")
-    console.print(f"  [red]red[/]: longer than max_length={max_length}")
+    top = max(k + t + d for _, _, k, t, d in hist)
+    console.print("\ntoken length histogram (whole sample" + (f", tokenizer of {escape(model)}" if model else "") + "):")
+    for lo, hi, kept, cut, dropped in hist:
+        bar = "".join(f"[{colour}]{'█' * round(width * n / top)}[/]" if n else ""
+                      for colour, n in (("cyan", kept), ("yellow", cut), ("red", dropped)))
+        shown = round(width * kept / top) + round(width * cut / top) + round(width * dropped / top)
+        counts = f"{kept + cut + dropped}" + (f" ({cut} truncated)" if cut else "") + (f" ({dropped} dropped)" if dropped else "")
+        console.print(f"  {lo:>6}–{hi - 1:<6} {bar}{' ' * max(0, width - shown)} {counts}")
+    console.print(f"  [cyan]cyan[/]: kept whole, [yellow]yellow[/]: truncated to max_length={max_length}, "
+                  "[red]red[/]: dropped")
 
 
 def show_previews(console: Console, renderer: ChatRenderer, samples: Sequence[Sample], max_length: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -117,11 +118,23 @@ def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_value(value: Any) -> Any:
+    """A CSV cell: missing is empty; a float that arithmetic left a few units in the last place off a short
+    decimal (178.39999999999998, a sum of binary fractions) is written as that decimal (178.4); any other float
+    as Python's shortest exact text, so measured values (losses) read back unchanged."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        short = float(f"{value:.12g}")
+        return repr(short) if abs(short - value) <= 4 * math.ulp(value) else repr(value)
+    return value
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The same table as CSV, with unrounded numbers."""
+    """The same table as CSV, with unrounded numbers (without float noise)."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:  # csv writes its own \r\n
         if rows:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
-            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+            w.writerows({k: csv_value(v) for k, v in r.items()} for r in rows)
     return path

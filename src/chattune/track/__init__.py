@@ -15,13 +15,20 @@ from chattune.track.tensorboard import TensorboardTracker
 from chattune.track.wandb import WandbTracker
 
 
-def make_trackers(cfg: RunConfig, run_dir: RunDir) -> list[Tracker]:
-    """One tracker per entry of tracking.backends ('none' adds none); other processes than the main one get []."""
+def make_trackers(cfg: RunConfig, run_dir: RunDir, resume_step: int | None = None) -> list[Tracker]:
+    """One tracker per entry of tracking.backends ('none' adds none); other processes than the main one get [].
+
+    resume_step: the checkpoint step a resumed run continues from; each tracker then continues the run's
+    experiment (same SwanLab experiment, W&B run id, TensorBoard folder) instead of starting a second one.
+    """
     if not is_main_process():
         return []
     kinds = {"swanlab": SwanlabTracker, "tensorboard": TensorboardTracker, "wandb": WandbTracker}
     # dict.fromkeys: keep the order, drop repeats.
-    return [kinds[b](cfg, run_dir) for b in dict.fromkeys(cfg.tracking.backends) if b != "none"]
+    trackers = [kinds[b](cfg, run_dir) for b in dict.fromkeys(cfg.tracking.backends) if b != "none"]
+    for t in trackers:
+        t.resume_step = resume_step
+    return trackers
 
 
 def is_main_process() -> bool:

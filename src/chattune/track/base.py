@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -12,6 +13,7 @@ from typing import Any, Callable, Sequence
 from transformers import TrainerCallback
 
 from chattune.config import RunConfig
+from chattune.files import write_json
 from chattune.rundir import RunDir
 
 # ProgressAndMetrics row keys -> the chart names the seed tutorials (HF SwanLabCallback) show.
@@ -29,6 +31,8 @@ class Tracker:
     """One experiment tracker. Subclasses write to one backend; the sinks have the callbacks' signatures."""
 
     name = "tracker"
+    # The checkpoint step a resumed run continues from (make_trackers sets it); None for a fresh run.
+    resume_step: int | None = None
 
     def start(self, info: dict[str, Any]) -> None:
         """Open the run with the resolved config, model, data and system information."""
@@ -107,6 +111,26 @@ def system_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+def tracking_entry(run_dir: RunDir, name: str) -> dict[str, Any]:
+    """What RUN/tracking.json remembers about one tracker (ids, log folders), {} when nothing."""
+    entry = _read_json(run_dir.root / "tracking.json").get(name)
+    return entry if isinstance(entry, dict) else {}
+
+
+def remember(run_dir: RunDir, name: str, entry: dict[str, Any]) -> None:
+    """Store one tracker's entry in RUN/tracking.json (a resumed run continues the same experiment from it;
+    `chattune dashboard RUN` finds the SwanLab logs there)."""
+    path = run_dir.root / "tracking.json"
+    data = _read_json(path)
+    data[name] = entry
+    write_json(path, data)
+
+
+def new_run_id() -> str:
+    """An id for a tracker's run, stored so that a resumed run continues it."""
+    return uuid.uuid4().hex[:21]
 
 
 def _data_stats(report: dict[str, Any]) -> dict[str, Any]:

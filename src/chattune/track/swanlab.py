@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -10,9 +11,12 @@ from typing import Any
 
 from chattune.config import RunConfig
 from chattune.errors import ConfigError, MissingDependencyError, extra_pip, require
-from chattune.files import write_json
+from chattune.files import read_jsonl
 from chattune.rundir import RunDir
-from chattune.track.base import PREDICTION_KEY, Tracker, prediction_caption, prediction_text, project_and_experiment
+from chattune.track.base import (PREDICTION_KEY, Tracker, new_run_id, prediction_caption, prediction_text,
+                                 project_and_experiment, remember, tracking_entry)
+
+log = logging.getLogger("chattune")
 
 # Our mode names -> swanlab's ("cloud" is what the SwanLab docs call it; the SDK says "online").
 MODES = {"local": "local", "cloud": "online", "offline": "offline", "disabled": "disabled"}
@@ -37,6 +41,7 @@ class SwanlabTracker(Tracker):
         self.run_dir = run_dir
         self.swanlab = _import_swanlab(self.mode)
         self.run: Any = None
+        self._id: str | None = None
 
     def start(self, info: dict[str, Any]) -> None:
         sl = self.swanlab
@@ -52,12 +57,40 @@ class SwanlabTracker(Tracker):
         main_thread = threading.current_thread() is threading.main_thread()
         ours = signal.getsignal(signal.SIGINT) if main_thread else None
         self.run = sl.init(reinit=True, project=self.project, name=self.experiment, config=info, settings=settings,
-                           description=f"chattune run {self.run_dir.root}")
+                           description=f"chattune run {self.run_dir.root}", **self._continue_experiment())
         if main_thread and ours is not None:
             signal.signal(signal.SIGINT, ours)
         if self.mode != "disabled":
-            _record(self.run_dir, {"mode": self.mode, "logdir": str(self.logdir), "project": self.project,
-                                   "experiment": self.run.name, "swanlab_run_dir": str(self.run.dir)})
+            remember(self.run_dir, "swanlab", {
+                "mode": self.mode, "logdir": str(self.logdir), "project": self.project, "experiment": self.run.name,
+                "swanlab_run_dir": str(self.run.dir), "id": str(getattr(self.run, "id", "") or self._id or "")})
+        if self.mode == "local" and self.resume_step is not None:
+            self._replay()
+
+    def _continue_experiment(self) -> dict[str, Any]:
+        """init() arguments that make a resumed run continue its experiment rather than start a second one.
+
+        Cloud and offline (synced later): the same run id with resume="allow". Local mode (swanlab 0.10.3) has no
+        resume and would add an experiment named NAME-1 beside the killed one, still "running": the killed
+        experiment is removed from the dashboard instead, and _replay() logs the kept history (metrics.jsonl
+        up to the checkpoint, the probe answers of finished epochs) into the new one, so one experiment under
+        the same name shows the whole curve.
+        """
+        previous = tracking_entry(self.run_dir, "swanlab") if self.resume_step is not None else {}
+        if self.mode in ("cloud", "offline"):
+            self._id = previous.get("id") or new_run_id()
+            return {"id": self._id, "resume": "allow"}
+        if self.mode == "local" and previous.get("swanlab_run_dir"):
+            _forget_experiment(self.logdir, Path(previous["swanlab_run_dir"]).name)
+        return {}
+
+    def _replay(self) -> None:
+        for row in read_jsonl(self.run_dir.metrics):
+            self.log_row(row, int(row.get("step", 0)))
+        for path in sorted(self.run_dir.predictions.glob("epoch_*.jsonl")):
+            rows = read_jsonl(path)
+            if rows:
+                self.log_predictions(rows, int(rows[0].get("epoch", 0)), int(rows[0].get("step", 0)))
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.run is not None and scalars:
@@ -93,9 +126,15 @@ def _import_swanlab(mode: str) -> Any:
     return swanlab
 
 
-def _record(run_dir: RunDir, entry: dict[str, Any]) -> None:
-    """Remember in RUN_DIR/tracking.json where the SwanLab logs are (`chattune dashboard RUN_DIR` reads it)."""
-    path = run_dir.root / "tracking.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    data["swanlab"] = entry
-    write_json(path, data)
+def _forget_experiment(logdir: Path, swanlog_run: str) -> None:
+    """Remove a killed run's experiment (and its log folder) from the local SwanLab dashboard."""
+    try:
+        from swanboard.db import connect
+        from swanboard.db.models import Experiment
+
+        os.environ["SWANLAB_LOG_DIR"] = str(logdir)  # where swanboard keeps its database, as swanlab.init sets it
+        connect(autocreate=True, path=str(logdir))
+        Experiment.purely_delete(swanlog_run)
+    except Exception as exc:  # a dashboard that cannot be cleaned must not stop training
+        log.warning("swanlab: could not remove the killed run's experiment %s from the dashboard (%s); the "
+                    "resumed run appears beside it", swanlog_run, exc)

@@ -30,7 +30,12 @@ class TensorboardTracker(Tracker):
         self.writer: Any = None
 
     def start(self, info: dict[str, Any]) -> None:
-        self.writer = self._writer_cls(log_dir=str(self.logdir))
+        # Resumed: the same folder, with the events logged after the checkpoint (by the killed part) hidden, so
+        # TensorBoard draws one curve: purge_step hides every event at a step >= it.
+        purge = None if self.resume_step is None else self.resume_step + 1
+        self.writer = self._writer_cls(log_dir=str(self.logdir), purge_step=purge)
+        if purge is not None:
+            return  # the config is already in the folder
         # Four spaces make markdown show the YAML as a code block.
         text = yaml.safe_dump(json.loads(json.dumps(info, default=str)), sort_keys=False, allow_unicode=True)
         self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)

@@ -8,7 +8,7 @@ from typing import Any
 from chattune.config import RunConfig
 from chattune.errors import MissingDependencyError, extra_pip
 from chattune.rundir import RunDir
-from chattune.track.base import PREDICTION_KEY, Tracker, project_and_experiment
+from chattune.track.base import PREDICTION_KEY, Tracker, new_run_id, project_and_experiment, remember, tracking_entry
 
 
 class WandbTracker(Tracker):
@@ -31,8 +31,12 @@ class WandbTracker(Tracker):
         self.run: Any = None
 
     def start(self, info: dict[str, Any]) -> None:
-        # wandb writes its files under dir/wandb; keep them inside the run directory.
-        self.run = self.wandb.init(project=self.project, name=self.experiment, config=info, dir=str(self.run_dir.root))
+        # wandb writes its files under dir/wandb; keep them inside the run directory. The run id is stored in
+        # tracking.json: a resumed chattune run continues the same W&B run (resume="allow").
+        run_id = (tracking_entry(self.run_dir, "wandb").get("id") if self.resume_step is not None else None) or new_run_id()
+        remember(self.run_dir, "wandb", {"id": run_id, "project": self.project})
+        self.run = self.wandb.init(project=self.project, name=self.experiment, config=info, dir=str(self.run_dir.root),
+                                   id=run_id, resume="allow")
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.run is not None and scalars:

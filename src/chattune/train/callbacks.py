@@ -102,6 +102,10 @@ class ProgressAndMetrics(TrainerCallback):
             self.bar.write(message)
 
     def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self) -> None:
+        """End the progress bar's line (also when training stopped with an error, so the message starts afresh)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

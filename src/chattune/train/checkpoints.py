@@ -15,12 +15,13 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import TrainerCallback
 
-from chattune.files import fsync_dir, fsync_tree, write_json
+from chattune.files import fsync_dir, fsync_tree, storage_error, tree_size, write_json
 from chattune.rundir import RunDir
 from chattune.train.processes import barrier
 
@@ -100,3 +101,20 @@ def rotate_checkpoints(root: Path, keep: int | None) -> None:
     doomed += [p for p in root.iterdir() if checkpoint_step(p) is not None and not (p / MARKER).is_file()]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def explain_full_disk(run_dir: RunDir, resume_hint: str) -> Iterator[None]:
+    """A write that fails for lack of space or permission becomes one paragraph: the path, the space a save
+    needs (the size of the newest checkpoint, or of the one being written), and the checkpoint that is intact."""
+    try:
+        yield
+    except OSError as exc:
+        last = last_checkpoint(run_dir)
+        needed = tree_size(last) if last else tree_size(staging_dir(run_dir))
+        kept = (f"the last complete checkpoint, {last}, is intact: once there is room, `{resume_hint}` resumes "
+                "from it" if last else f"no checkpoint was complete yet: `{resume_hint}` starts the run again")
+        err = storage_error(exc, needed=needed or None, kept=kept)
+        if err is None:
+            raise
+        raise err from exc

@@ -66,7 +66,12 @@ def train_interruptibly(trainer: Any, checkpoint: Any) -> tuple[Any, GracefulInt
     """trainer.train() (from `checkpoint` when resuming) with Ctrl-C handled; (its result, the interrupt)."""
     with GracefulInterrupt().installed() as interrupt:
         trainer.add_callback(synced(interrupt))  # several processes stop after the same step
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:  # an error mid-training: end the progress bar's line before the error is printed
+            for cb in trainer.callback_handler.callbacks:
+                if callable(getattr(cb, "close", None)):
+                    cb.close()
     return result, interrupt
 
 

@@ -20,7 +20,7 @@ import torch
 
 from chattune.config import RunConfig
 from chattune.errors import ConfigError
-from chattune.rundir import prepare_run_dir
+from chattune.rundir import LOCK_HELD_ENV, prepare_run_dir, run_lock
 from chattune.train.engines import check_supported
 from chattune.train.processes import World, init_process_group, under_launcher, world
 
@@ -67,8 +67,10 @@ def launch(cfg: RunConfig, args: Any) -> int:
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
-        proc = subprocess.Popen(cmd)
-        rc = proc.wait()
+        # This process holds output_dir's lock for the workers it starts (they see LOCK_HELD_ENV).
+        with run_lock(cfg.output_dir, "chattune train --nproc") as lock:
+            proc = subprocess.Popen(cmd, env={**os.environ, LOCK_HELD_ENV: str(lock)})
+            rc = proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
     if rc != 0 and interrupted:

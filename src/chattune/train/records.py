@@ -5,6 +5,7 @@ Only the main process writes them; in the other processes these steps only log (
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import TrainerCallback
 
 from chattune import config as config_mod
 from chattune.config import RunConfig
@@ -87,7 +89,44 @@ def describe_model(run_dir: RunDir, model: Any, dtype: torch.dtype) -> dict[str,
     return info
 
 
-def finish(run_dir: RunDir, result: Any, started: float, model_info: dict[str, Any]) -> RunDir:
+class WallClock(TrainerCallback):
+    """The run's wall time over all its parts: a resumed run adds its seconds to those of the killed ones.
+
+    Each part's seconds are rewritten to RUN/wall_time.json at every log and save, so a part killed with
+    kill -9 counts up to its last log; summary.json's wall_s is their sum.
+    """
+
+    def __init__(self, run_dir: RunDir, *, resumed: bool):
+        self.path = run_dir.wall_time
+        self.started = time.perf_counter()
+        parts = _read_parts(self.path) if resumed else []
+        self.before = parts
+
+    def seconds(self) -> float:
+        """Seconds of every part so far, this one included."""
+        return sum(self.before) + time.perf_counter() - self.started
+
+    def record(self) -> None:
+        """Write each part's seconds (main process only)."""
+        if is_main_process():
+            write_json(self.path, {"parts_s": [*self.before, round(time.perf_counter() - self.started, 1)]})
+
+    def on_log(self, args, state, control, **kw):
+        self.record()
+
+    def on_save(self, args, state, control, **kw):
+        self.record()
+
+
+def _read_parts(path: Path) -> list[float]:
+    try:
+        parts = json.loads(path.read_text(encoding="utf-8")).get("parts_s", [])
+        return [float(p) for p in parts]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def finish(run_dir: RunDir, result: Any, clock: WallClock, model_info: dict[str, Any]) -> RunDir:
     """Write summary.json (the 'finished' marker) and tell the user where everything went."""
     if not is_main_process():
         return run_dir
@@ -100,9 +139,10 @@ def finish(run_dir: RunDir, result: Any, started: float, model_info: dict[str, A
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         **({"eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"]} if evals else {}),
-        "wall_s": round(time.perf_counter() - started, 1),
+        "wall_s": round(clock.seconds(), 1),  # every part of a resumed run
         **model_info,
     }
+    clock.record()
     write_json(run_dir.summary, summary)
     log.info("done: %d steps in %.0fs, loss %s -> %s", summary["global_step"], summary["wall_s"],
              _fmt(summary["first_loss"]), _fmt(summary["final_loss"]))

@@ -113,6 +113,7 @@ def prepare_files(run_dir: RunDir, checkpoint: Path | None) -> None:
     if checkpoint is None:
         # Leftovers of a run killed before its first checkpoint would mix with the new run's files.
         run_dir.metrics.unlink(missing_ok=True)
+        run_dir.wall_time.unlink(missing_ok=True)
         shutil.rmtree(run_dir.predictions, ignore_errors=True)
         shutil.rmtree(ckpts, ignore_errors=True)
         shutil.rmtree(run_dir.adapter, ignore_errors=True)

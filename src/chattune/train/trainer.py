@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from chattune.track import make_trackers
 from chattune.track.base import TrackingCallback, run_info
 from chattune.train.adapter import gather_trainable_zero3, zero3_enabled
 from chattune.train.callbacks import PredictionProbes, ProgressAndMetrics, TokenCounter
-from chattune.train.checkpoints import PublishCheckpoints, staging_dir
+from chattune.train.checkpoints import PublishCheckpoints, checkpoint_step, staging_dir
 from chattune.train.engines import DistributedReport, shards_weights, training_args_kwargs
 from chattune.train.inputs import TrainingData
 from chattune.train.loss import keep_logits_dtype, supervised_loss
@@ -102,7 +103,7 @@ def to_training_args(cfg: RunConfig, run_dir: RunDir, dtype: torch.dtype, *, has
 
 def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, data: TrainingData,
                   renderer: ChatRenderer, dtype: torch.dtype, *, fingerprints: dict[str, str],
-                  args: TrainingArguments | None = None) -> ChattuneTrainer:
+                  args: TrainingArguments | None = None, resumed_from: Path | None = None) -> ChattuneTrainer:
     """An HF Trainer wired with our collator, progress/metrics, tracking and probe callbacks.
 
     args: to_training_args(...) made before the model was loaded (what ZeRO-3 needs to load sharded); made here if None.
@@ -125,7 +126,8 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
         trainer.remove_callback(cb)
     trainer.add_callback(DistributedReport())  # processes and global batch, logged before the progress bar
     # metrics.jsonl was emptied (fresh start) or cut back to the checkpoint (resume) by resume.prepare_files.
-    trackers = make_trackers(cfg, run_dir)  # [] for tracking.backends=[none]
+    # [] for tracking.backends=[none]; a resumed run continues its experiments from the checkpoint's step.
+    trackers = make_trackers(cfg, run_dir, resume_step=checkpoint_step(resumed_from) if resumed_from else None)
     # Before the probes: the trackers' run must be open when the base model's answers arrive.
     trainer.add_callback(TrackingCallback(trackers, lambda: run_info(cfg, run_dir)))
     trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter, sinks=[t.log_row for t in trackers],

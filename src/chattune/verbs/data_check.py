@@ -11,14 +11,15 @@ The numbers come from data/check.py, the terminal output from report/check_view.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
 
 from chattune.config import RunConfig
-from chattune.data.check import CheckReport, build_report, default_out, render_both, scan_files
+from chattune.data.check import CheckReport, build_report, default_out, fate, render_both, scan_files
 from chattune.data.render import ChatRenderer
 from chattune.errors import DataError
 from chattune.files import write_json
@@ -26,12 +27,17 @@ from chattune.model.load import load_tokenizer
 from chattune.model.sources import resolve_model_dir
 from chattune.report import check_view as view
 from chattune.report.plots import length_histogram_png
+from chattune.train.inputs import split_eval_data, split_probes
 
 log = logging.getLogger("chattune")
 
 
 def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins: int = 16) -> CheckReport:
-    """Check cfg's training (and eval) data with cfg's tokenizer, template and max_length; print and save the findings."""
+    """Check cfg's training (and eval) data with cfg's tokenizer, template and max_length; print and save the findings.
+
+    A sweep config whose grid varies model.name_or_path is checked with each model's tokenizer and template
+    (one check.json per model, in a folder named after it); the first model's report is returned.
+    """
     console = Console(highlight=False)
     d = cfg.data
     files, conversations = scan_files(cfg)
@@ -40,20 +46,67 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
         raise DataError("no usable records in the training data", where=", ".join(d.train),
                         fix="fix the rows listed above, or check data.format and the column names "
                             "(`chattune data convert --map` renames them)")
+    out_dir = Path(out) if out else default_out(cfg)
+    models = sweep_models(cfg)
+    trained = training_rows(cfg, conversations)
+    reports = [check_with_model(console, cfg.model_copy(update={"model": cfg.model.model_copy(
+                   update={"name_or_path": m})}), files, conversations, trained,
+                   out_dir / _slug(m) if len(models) > 1 else out_dir, preview=preview, bins=bins,
+                   named=len(models) > 1) for m in models]
+    return reports[0]
+
+
+def check_with_model(console: Console, cfg: RunConfig, files: list, conversations: list, trained: "TrainingRows",
+                     out_dir: Path, *, preview: int, bins: int, named: bool) -> CheckReport:
+    """Render the data with cfg.model's tokenizer and template; print, save and judge what training would get."""
+    d = cfg.data
+    if named:
+        console.rule(f"tokenizer and template of {cfg.model.name_or_path}")
     renderer = load_renderer(cfg)
     rendered = render_both(renderer, conversations, cfg)
     report = build_report(cfg, files, conversations, rendered, bins)
-    out_dir = Path(out) if out else default_out(cfg)
     view.show_duplicates(console, report.duplicates, report.conflicts)
     view.show_lengths(console, report, rendered.stats, sum(rendered.lengths.supervised))
-    view.show_histogram(console, report.histogram, d.max_length)
+    view.show_histogram(console, report.fates, d.max_length, model=cfg.model.name_or_path if named else "")
     report.png = _try_png(rendered.lengths.total, d.max_length, out_dir / "token_lengths.png", len(rendered.full))
     if preview:
         view.show_previews(console, renderer, rendered.full[:preview], d.max_length)
     write_json(out_dir / "check.json", asdict(report))
     console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)
-    verdict(report, cfg)
+    used = sum(s.where in trained.wheres and fate(s, d.max_length, d.overlength) != "dropped" for s in rendered.full)
+    verdict(report, cfg, used=used, trained=trained,
+            model=cfg.model.name_or_path if named else "")
     return report
+
+
+@dataclass
+class TrainingRows:
+    """Which conversations training learns from once the eval rows and probes are held out."""
+
+    wheres: set[str]
+    eval_held: int
+    probes_held: int
+    eval_key: str
+
+
+def training_rows(cfg: RunConfig, conversations: list) -> TrainingRows:
+    """The split training itself makes (train/inputs.py): eval rows by data.eval_ratio / eval_size, then probes."""
+    train, evals = split_eval_data(cfg, conversations)
+    probes_from = len(train)
+    _, train = split_probes(cfg, train, evals)
+    key = f"data.eval_size={cfg.data.eval_size}" if cfg.data.eval_size else f"data.eval_ratio={cfg.data.eval_ratio:g}"
+    return TrainingRows({c.where for c in train}, 0 if cfg.data.eval else len(evals), probes_from - len(train), key)
+
+
+def sweep_models(cfg: RunConfig) -> list[str]:
+    """The models a sweep trains (its grid's model.name_or_path values), else the config's one model."""
+    grid = cfg.sweep.grid or {}
+    models = grid.get("model.name_or_path") or [cfg.model.name_or_path]
+    return [str(m) for m in dict.fromkeys(models)]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name.strip("/")) or "model"
 
 
 def load_renderer(cfg: RunConfig) -> ChatRenderer:
@@ -63,8 +116,9 @@ def load_renderer(cfg: RunConfig) -> ChatRenderer:
     return ChatRenderer(load_tokenizer(model_dir, m), cfg.data.template_kwargs)
 
 
-def verdict(report: CheckReport, cfg: RunConfig) -> None:
-    """Fail (exit 2) when training on this data would stop; otherwise say it would run."""
+def verdict(report: CheckReport, cfg: RunConfig, *, used: int | None = None, trained: TrainingRows | None = None,
+            model: str = "") -> None:
+    """Fail (exit 2) when training on this data would stop; otherwise say it would run, and on how many samples."""
     unreadable = [f for f in report.files if f.error]
     if unreadable:
         raise DataError(f"{len(unreadable)} file(s) cannot be read; training would stop", where=unreadable[0].path,
@@ -74,11 +128,19 @@ def verdict(report: CheckReport, cfg: RunConfig) -> None:
         where, reason = invalid[0]
         raise DataError(f"{len(invalid)} invalid row(s); training would stop at the first: {reason}", where=where,
                         fix="fix the rows listed above, or set data.on_bad_record=skip to train without them")
-    if report.render["samples"] == 0:
-        raise DataError("no training samples left after max_length", where="data.max_length",
+    with_model = f" with the tokenizer of {model}" if model else ""
+    if report.render["samples"] == 0 or used == 0:
+        raise DataError(f"no training samples left after max_length{with_model}", where="data.max_length",
                         fix="raise data.max_length or set data.overlength=truncate")
-    print(f"ok: training would use {report.render['samples']} samples"
-          + (f" ({len(invalid)} invalid row(s) skipped)" if invalid else ""))
+    held = []
+    if trained and trained.eval_held:
+        held.append(f"{trained.eval_held} conversation(s) held out for eval by {trained.eval_key}")
+    if trained and trained.probes_held:
+        held.append(f"{trained.probes_held} held out as probes (tracking.probe_size)")
+    if invalid:
+        held.append(f"{len(invalid)} invalid row(s) skipped")
+    n = report.render["samples"] if used is None else used
+    print(f"ok: training would use {n} samples{with_model}" + (f" ({'; '.join(held)})" if held else ""))
 
 
 def _try_png(lengths: Sequence[int], max_length: int, path: Path, n: int) -> str | None:

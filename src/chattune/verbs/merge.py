@@ -22,7 +22,7 @@ from chattune.export.merge import (check_out, check_samples, describe_files, dty
 from chattune.files import atomic_dir
 from chattune.infer.session import load_run_renderer
 from chattune.model.sources import resolve_model_dir
-from chattune.rundir import RunDir
+from chattune.rundir import RunDir, run_lock
 from chattune.options import MERGE
 
 
@@ -44,7 +44,7 @@ def run(run_dir: str, *, out: str, dtype: str = MERGE.dtype, max_shard_size: str
             f"unquantised base in {dtype_name(work)}, so the merged model is the full-precision base + adapter")
     renderer = load_run_renderer(rd, cfg)
     samples = check_samples(rd, renderer, cfg.data.system)
-    with atomic_dir(out_path) as tmp:
+    with run_lock(out_path, "chattune merge"), atomic_dir(out_path) as tmp:
         reference, effect = merge_and_save(model_dir, merge_model_config(cfg.model), rd, work, target, samples, tmp,
                                            shard_bytes)
         write_assets(tmp, rd, renderer, model_dir)

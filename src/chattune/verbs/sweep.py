@@ -253,13 +253,18 @@ def show_plan(points: Sequence[Point], root: Path, project: str, *, overwrite: b
 
 
 def show_table(rows: Sequence[dict[str, Any]]) -> None:
-    """The comparison on the terminal."""
+    """The comparison on the terminal; as a Markdown table when stdout is a pipe or a file (a box table would be
+    folded into 80 columns there, one cell over several lines)."""
     cols = shown_columns(rows)
     if not cols:
+        return
+    console = Console()
+    if not console.is_terminal:
+        print(to_markdown(rows), end="", flush=True)
         return
     table = Table(title="sweep comparison")
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*(fmt(r.get(c), c) for c in cols))
-    Console().print(table)
+    console.print(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from chattune.model.packed_attention import check_padding_free
 from chattune.model.placement import training_device_map
 from chattune.model.quant import is_quantized, prepare_for_kbit_training
 from chattune.model.sources import resolve_model_dir
-from chattune.rundir import RunDir, prepare_run_dir
+from chattune.rundir import RunDir, prepare_run_dir, removed_if_left_empty, run_lock
 from chattune.train import launcher, records
 from chattune.train import resume as resume_mod
 from chattune.train.adapter import save_adapter
+from chattune.train.checkpoints import explain_full_disk
 from chattune.train.inputs import prepare_data
 from chattune.train.interrupt import stop_if_interrupted, train_interruptibly
 from chattune.train.processes import is_main_process, main_process_first
@@ -44,8 +45,17 @@ def main(cfg: RunConfig, args: argparse.Namespace) -> int | None:
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_force: bool = False) -> RunDir:
     """Fine-tune cfg.model on cfg.data with LoRA and write a complete run directory (resuming an unfinished one)."""
     launcher.setup(cfg)  # several processes: checks, process group, one log
-    run_dir = open_run_dir(cfg, overwrite=overwrite, resume=resume)
+    with output_lock(cfg):  # a second `chattune train` into the same output_dir is refused
+        run_dir = open_run_dir(cfg, overwrite=overwrite, resume=resume)
+        # A run that fails before writing anything leaves no empty folder; a full disk is told as one paragraph.
+        with removed_if_left_empty(run_dir.root), explain_full_disk(run_dir, resume_mod.resume_command(run_dir)):
+            return train_into(cfg, run_dir, resume=resume, resume_force=resume_force)
+
+
+def train_into(cfg: RunConfig, run_dir: RunDir, *, resume: bool, resume_force: bool) -> RunDir:
+    """The training itself, into an opened (and locked) run directory."""
     checkpoint = resume_mod.plan_resume(run_dir, resume=resume)  # None: a fresh start
+    clock = records.WallClock(run_dir, resumed=checkpoint is not None)  # wall_s counts every part of the run
     model_dir = base_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir, cfg.model)
     renderer = ChatRenderer(tokenizer, cfg.data.template_kwargs)
@@ -60,16 +70,22 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
     args = to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples))
     model = load_lora_model(cfg, model_dir, dtype)
     model_info = records.describe_model(run_dir, model, dtype)
-    trainer = build_trainer(cfg, run_dir, model, tokenizer, data, renderer, dtype, args=args, fingerprints=fingerprints)
-    started = time.perf_counter()
+    trainer = build_trainer(cfg, run_dir, model, tokenizer, data, renderer, dtype, args=args, fingerprints=fingerprints,
+                            resumed_from=checkpoint)
+    trainer.add_callback(clock)
     result, interrupt = train_interruptibly(trainer, checkpoint)
     save_adapter(trainer, run_dir.adapter)  # gathered from shards where needed, written by the main process
     stop_if_interrupted(run_dir, trainer, interrupt)  # Ctrl-C: says how to resume, raises KeyboardInterrupt
-    return records.finish(run_dir, result, started, model_info)
+    return records.finish(run_dir, result, clock, model_info)
 
 
 # ---------------------------------------------------------------------------
 # small steps
+
+
+def output_lock(cfg: RunConfig) -> Any:
+    """The lock of output_dir, held by the main process (a chattune launcher holds it for its workers)."""
+    return run_lock(cfg.output_dir, "chattune train") if is_main_process() else nullcontext()
 
 
 def open_run_dir(cfg: RunConfig, *, overwrite: bool, resume: bool) -> RunDir:
