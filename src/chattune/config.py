@@ -200,8 +200,14 @@ class RunConfig(_Section):
 
 def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path | None = None) -> RunConfig:
     """Read a YAML file (or nothing), apply key=value overrides, validate everything at once."""
+    raw = read_raw(path, overrides)
+    cfg = validate(raw, where=str(path) if path else "config")
+    return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
+
+
+def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML file's mapping (or {}) with the key=value overrides applied, not validated yet."""
     raw: dict[str, Any] = {}
-    where = str(path) if path else "config"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -218,8 +224,7 @@ def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path |
             raise ConfigError("the top level must be a mapping of sections (model:, data:, ...)", where=str(path))
     for item in overrides:
         _apply_override(raw, item)
-    cfg = validate(raw, where=where)
-    return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
+    return raw
 
 
 def validate(raw: dict[str, Any], *, where: str = "config") -> RunConfig:
@@ -227,12 +232,20 @@ def validate(raw: dict[str, Any], *, where: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err, raw) for err in exc.errors()]
+        found = [text for _, text in problems(exc, raw)]
         raise ConfigError(
-            f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
+            f"{len(found)} problem(s):\n  " + "\n  ".join(found),
             where=where,
             fix="see `chattune keys` for every key with its help",
         ) from None
+
+
+def problems(exc: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key path, the CLI's message) for each problem of a failed validation; the key is '' for the whole config.
+
+    `validate` joins the messages into one ConfigError; `chattune ui` shows each next to its field.
+    """
+    return [(".".join(str(p) for p in err["loc"]), _describe(err, raw)) for err in exc.errors()]
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -20,8 +20,12 @@ LABELS = ("tuned> ", "base>  ")
 
 def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_tokens: int = GENERATION.max_new_tokens,
                   do_sample: bool = GENERATION.sample, temperature: float = GENERATION.temperature,
-                  top_p: float = GENERATION.top_p) -> Iterator[str]:
-    """Yield the answer's text piece by piece as it is generated; stops at an end-of-turn token."""
+                  top_p: float = GENERATION.top_p, finish: dict[str, Any] | None = None) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated; stops at an end-of-turn token.
+
+    With `finish`, a dict, it is given "stopped" (True when the model ended its turn itself, False when
+    max_new_tokens cut it) and "tokens" (new tokens generated) once the answer is complete.
+    """
     from transformers import TextIteratorStreamer
 
     tok = session.renderer.tokenizer
@@ -30,13 +34,17 @@ def stream_answer(session: Session, messages: list[dict[str, str]], *, max_new_t
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     errors: list[BaseException] = []
+    eos = session.renderer.end_of_turn_ids()
 
     def work() -> None:
         try:
             with inference_mode(session.model):
-                session.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer,
-                                       max_new_tokens=max_new_tokens, eos_token_id=session.renderer.end_of_turn_ids(),
-                                       pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+                out = session.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                             streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                             pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+            if finish is not None:
+                new = out[0, ids.shape[1]:].tolist()
+                finish.update(stopped=bool(new) and new[-1] in eos, tokens=len(new))
         except BaseException as exc:  # surfaced in the caller's thread below
             errors.append(exc)
             streamer.end()

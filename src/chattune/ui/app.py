@@ -1,0 +1,45 @@
+"""The page: one Gradio Blocks with a tab per step of the loop, every label from strings.py."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from chattune.ui import tabs_config, tabs_results, tabs_run
+from chattune.ui.context import Ctx
+from chattune.ui.strings import t
+
+
+def build(ctx: Ctx) -> Any:
+    """The whole page."""
+    import gradio as gr
+
+    with gr.Blocks(title="chattune", analytics_enabled=False) as demo:
+        with gr.Row():
+            title = ctx.label(gr.Markdown(f"## {ctx.t('title')}"), "title", "value")
+            lang = ctx.label(gr.Radio([("English", "en"), ("中文", "zh")], value=ctx.lang, label=ctx.t("lang"),
+                                      elem_id="lang"), "lang")
+        with gr.Tabs():
+            form = tabs_config.configure_tab(ctx, lang)
+            tabs_config.data_tab(ctx, lang, form)
+            tabs_run.train_tab(ctx, lang, form, demo)
+            tabs_run.chat_tab(ctx, lang, form)
+            tabs_results.evaluate_tab(ctx, lang, form)
+            tabs_results.export_tab(ctx, lang, form)
+            tabs_results.runs_tab(ctx, lang)
+        handler, inputs, outputs = form.on_load
+        demo.load(handler, inputs=inputs, outputs=outputs)
+        lang.change(functools.partial(relabel, ctx), inputs=lang, outputs=[c for c, _, _ in ctx.labels])
+        del title
+    return demo
+
+
+def relabel(ctx: Ctx, lang: str) -> list[Any]:
+    """Every registered component's text in the chosen language."""
+    import gradio as gr
+
+    out = []
+    for _, key, attr in ctx.labels:
+        text = t(key, lang)
+        out.append(gr.update(**{attr: f"## {text}" if key == "title" else text}))
+    return out
