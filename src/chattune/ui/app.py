@@ -27,8 +27,6 @@ def build(ctx: Ctx) -> Any:
             tabs_results.evaluate_tab(ctx, lang, form)
             tabs_results.export_tab(ctx, lang, form)
             tabs_results.runs_tab(ctx, lang)
-        handler, inputs, outputs = form.on_load
-        demo.load(handler, inputs=inputs, outputs=outputs)
         lang.change(functools.partial(relabel, ctx), inputs=lang, outputs=[c for c, _, _ in ctx.labels])
         del title
     return demo

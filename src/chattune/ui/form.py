@@ -92,9 +92,19 @@ def overrides(specs: list[FieldSpec], initial: list[Any], values: list[Any]) -> 
                 out.append(f"{spec.key}={'true' if now else 'false'}")
             continue
         now = "" if now is None else str(now)
-        if now.strip() != str(before).strip():
+        if not same(now, str(before)):
             out.append(f"{spec.key}={now.strip() if now.strip() else 'null'}")
     return out
+
+
+def same(a: str, b: str) -> bool:
+    """Two field texts that mean the same value (3 and 3.0, [a] and [ a ])."""
+    if a.strip() == b.strip():
+        return True
+    try:
+        return yaml.safe_load(a) == yaml.safe_load(b) and bool(a.strip()) == bool(b.strip())
+    except yaml.YAMLError:
+        return False
 
 
 @dataclass

@@ -37,6 +37,7 @@ def parse_auth(auth: str | None, host: str) -> tuple[str, str] | None:
 def check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port in TIME_WAIT is free
         try:
             s.bind((host, port))
         except OSError as exc:

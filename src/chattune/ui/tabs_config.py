@@ -28,7 +28,6 @@ class Form:
     specs: list[form.FieldSpec]
     inputs: list[Any] = field(default_factory=list)  # state, then one component per spec
     errors: list[Any] = field(default_factory=list)
-    on_load: tuple = ()  # (handler, inputs, outputs): the page fills the form from the preset when it opens
 
 
 def presets(cwd: Path) -> list[str]:
@@ -71,8 +70,9 @@ def configure_tab(ctx: Ctx, lang: Any) -> Form:
     fm = Form(list(form.fields()))
     choices = presets(cwd)
     first = "configs/demo.yaml" if "configs/demo.yaml" in choices else (choices[0] if choices else None)
-    state = gr.State({"preset": None, "initial": []})
     with ctx.label(gr.Tab(ctx.t("tab.configure"), id="configure"), "tab.configure"):
+        first_state, first_values = preset_values(ctx, fm, first)
+        state = gr.State(first_state)
         with gr.Row():
             preset = ctx.label(gr.Dropdown(choices, value=first, label=ctx.t("cfg.preset"), elem_id="preset",
                                            allow_custom_value=True), "cfg.preset")
@@ -83,7 +83,7 @@ def configure_tab(ctx: Ctx, lang: Any) -> Form:
             with gr.Column():
                 data_path = ctx.label(gr.Textbox(label=ctx.t("cfg.data_path"), elem_id="data-path"), "cfg.data_path")
                 use_path = ctx.label(gr.Button(ctx.t("cfg.use_path")), "cfg.use_path", "value")
-        fields_box(ctx, fm)
+        fields_box(ctx, fm, first_values)
         check_btn = ctx.label(gr.Button(ctx.t("cfg.validate"), variant="primary", elem_id="validate"), "cfg.validate",
                               "value")
         msg = gr.HTML(elem_id="cfg-message")
@@ -99,48 +99,52 @@ def configure_tab(ctx: Ctx, lang: Any) -> Form:
     data_field = fm.inputs[1 + [s.key for s in fm.specs].index("data.train")]
     upload.upload(guard(ctx, 2)(lambda f: use_upload(ctx, f)), inputs=upload, outputs=[msg, data_field])
     use_path.click(guard(ctx, 2)(lambda p: use_data_path(ctx, p)), inputs=data_path, outputs=[msg, data_field])
-    fm.on_load = (guard(ctx, len(outs))(lambda p: load_preset(ctx, fm, p)), preset, outs)
     return fm
 
 
-def fields_box(ctx: Ctx, fm: Form) -> None:
+def fields_box(ctx: Ctx, fm: Form, values: list[Any]) -> None:
     """One accordion per config section; each field with its help, and a line for its problems below it."""
     import gradio as gr
 
     with ctx.label(gr.Accordion(ctx.t("cfg.fields"), open=True), "cfg.fields"):
         for section in dict.fromkeys(s.section for s in fm.specs):
             with gr.Accordion(section or "output_dir", open=section in ("model", "data", "train", "")):
-                for spec in [s for s in fm.specs if s.section == section]:
-                    fm.inputs.append(field_component(spec))
-                    fm.errors.append(gr.HTML("", elem_id=f"err-{spec.key}", elem_classes=["field-error"],
+                for i, spec in [(i, s) for i, s in enumerate(fm.specs) if s.section == section]:
+                    fm.inputs.append(field_component(spec, values[i]))
+                    fm.errors.append(gr.HTML("", elem_id="err-" + spec.key.replace(".", "-"), elem_classes=["field-error"],
                                              padding=False))
 
 
-def field_component(spec: form.FieldSpec) -> Any:
+def field_component(spec: form.FieldSpec, value: Any) -> Any:
     import gradio as gr
 
     eid = "f-" + spec.key.replace(".", "-")
     if spec.kind == "bool":
-        return gr.Checkbox(value=bool(spec.default), label=spec.key, info=spec.help, elem_id=eid)
+        return gr.Checkbox(value=bool(value), label=spec.key, info=spec.help, elem_id=eid)
     if spec.kind == "choice":
-        return gr.Dropdown(list(spec.choices), value=form.to_text(spec.default), label=spec.key, info=spec.help,
+        return gr.Dropdown(list(spec.choices), value=value, label=spec.key, info=spec.help,
                            elem_id=eid)
     if spec.key == "model.name_or_path":  # a packaged alias to pick, or any folder / hub id typed in
-        return gr.Dropdown(list(PACKAGED_ALIASES), value=form.to_text(spec.default), label=spec.key,
+        return gr.Dropdown(list(PACKAGED_ALIASES), value=value, label=spec.key,
                            info=spec.help, allow_custom_value=True, elem_id=eid)
-    return gr.Textbox(value=form.to_text(spec.default), label=spec.key, info=spec.help, elem_id=eid, max_lines=3)
+    return gr.Textbox(value=value, label=spec.key, info=spec.help, elem_id=eid, max_lines=3)
 
 
-def load_preset(ctx: Ctx, fm: Form, preset: str | None) -> tuple:
-    """Fill the form from a preset (or the defaults); the preset's values become the baseline for overrides."""
+def preset_values(ctx: Ctx, fm: Form, preset: str | None) -> tuple[dict, list[Any]]:
+    """The form's state and values for a preset (or the defaults); the preset's values are the overrides' baseline."""
     path = ctx.allowed.check(preset, what="preset") if preset else None
     cfg = config.load(path, [] if path else ["data.train=[placeholder.jsonl]"])
     if path is None:
         cfg.data.train = []
     values = form.initial_texts(fm.specs, cfg)
-    state = {"preset": str(path) if path else None, "initial": values}
-    shown = ctx.allowed.shown(path) if path else t("cfg.none", ctx.lang)
-    return (views.page(f"<p class='ok'>{shown}</p>"), state, *values, *[""] * len(fm.errors))
+    return {"preset": str(path) if path else None, "initial": values}, values
+
+
+def load_preset(ctx: Ctx, fm: Form, preset: str | None) -> tuple:
+    """Fill the form from a preset (or the defaults)."""
+    state, values = preset_values(ctx, fm, preset)
+    shown = ctx.allowed.shown(Path(state["preset"])) if state["preset"] else t("cfg.none", ctx.lang)
+    return (views.page(f"<p class='ok'>{views.escape(shown)}</p>"), state, *values, *[""] * len(fm.errors))
 
 
 def validate(ctx: Ctx, fm: Form, lang: str, values: tuple) -> tuple:

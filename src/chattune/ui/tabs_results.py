@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from chattune.errors import ChattuneError, RunDirError
-from chattune.options import EVAL, MERGE, MergeOptions
+from chattune.options import EVAL, MERGE, EvalOptions, MergeOptions
 from chattune.report import html as report_html
 from chattune.report.runs import expand_run_dirs, load_run, load_runs
 from chattune.rundir import RunDir
@@ -54,11 +54,11 @@ def evaluate_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
         with gr.Row():
             compare = ctx.label(gr.Checkbox(True, label=ctx.t("eval.compare_base")), "eval.compare_base")
             limit = ctx.label(gr.Textbox(label=ctx.t("eval.limit"), elem_id="eval-limit"), "eval.limit")
-            metrics = gr.Textbox(EVAL.metrics, label="--metrics", info=EVAL.model_fields["metrics"].description)
+            metrics = gr.Textbox(EVAL.metrics, label="--metrics", info=EvalOptions.model_fields["metrics"].description)
         go = ctx.label(gr.Button(ctx.t("eval.run"), variant="primary", elem_id="eval-go"), "eval.run", "value")
         out = gr.HTML(elem_id="eval-status")
         results = gr.HTML(elem_id="eval-results")
-    go.click(guard(ctx, 2, lang_arg=0)(lambda lg, *a: evaluate(ctx, fm, lg, *a)),
+    go.click(guard(ctx, 2, lang_arg=0)(lambda lg, *a: (yield from evaluate(ctx, fm, lg, *a))),
              inputs=[lang, run_box, data, mcq, compare, limit, metrics, *fm.inputs], outputs=[out, results])
 
 
@@ -106,7 +106,7 @@ def export_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
                                           value=MERGE.dtype, label=ctx.t("export.dtype")), "export.dtype")
         go = ctx.label(gr.Button(ctx.t("export.run"), variant="primary", elem_id="merge-go"), "export.run", "value")
         status = gr.HTML(elem_id="merge-status")
-    go.click(guard(ctx, 1, lang_arg=0)(lambda lg, run, o, d, *v: export(ctx, fm, lg, "merge", run, v, o, d)),
+    go.click(guard(ctx, 1, lang_arg=0)(lambda lg, run, o, d, *v: (yield from export(ctx, fm, lg, "merge", run, v, o, d))),
              inputs=[lang, run_box, out, dtype, *fm.inputs], outputs=status)
 
 

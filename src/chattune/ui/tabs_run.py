@@ -88,40 +88,40 @@ def stop_training(ctx: Ctx, fm: Form, lang: str, values: tuple) -> str:
     return views.page(f"<p class='ok' data-stopping='1'>{t('train.stopped', lang)}</p>")
 
 
-def status(run_dir: Path, lang: str) -> str:
-    """One line: running (step, ETA, tokens/s), finished, stopped, or died with its last error."""
+def status(run_dir: Path, lang: str) -> tuple[str, str]:
+    """(state, one line): running (step, ETA), finished, stopped, died (with its last error), or idle."""
     job = jobs.find(run_dir, "train")
     if job and job.alive:
         text = t("train.running", lang)
         prog = jobs.progress(job.log)
         if prog:
             text += f" · {t('train.step', lang)} {prog[0]}/{prog[1]} · {t('train.eta', lang)} {prog[2]}"
-        return text
+        return "running", text
     if RunDir(run_dir).is_finished():
-        return t("train.finished", lang)
+        return "finished", t("train.finished", lang)
     busy = jobs.run_in_use(run_dir)
     if busy:
-        return f"{t('train.running', lang)} ({busy})"
+        return "running", f"{t('train.running', lang)} ({busy})"
     if job:
         err = jobs.last_error(job.log)
         if err and "KeyboardInterrupt" not in err and not err.startswith("interrupted"):
-            return f"{t('train.died', lang)}: {err} ({t('train.log', lang)}: {job.log})"
-        return t("train.stopped", lang)
-    return t("train.idle", lang)
+            return "died", f"{t('train.died', lang)}: {err} ({t('train.log', lang)}: {job.log})"
+        return "stopped", t("train.stopped", lang)
+    return "idle", t("train.idle", lang)
 
 
 def live_view(ctx: Ctx, fm: Form, lang: str, values: tuple) -> str:
     """The status, the charts from metrics.jsonl and the probe answers, read again on every tick."""
     run_dir = output_dir(ctx, fm, list(values))
-    text = status(run_dir, lang)
+    state, text = status(run_dir, lang)
     try:
         run = load_run(run_dir)
     except RunDirError:
-        return views.live(None, text, lambda k: t(k, lang))
+        return views.live(None, state, text)
     speeds = [r["tokens_per_s"] for r in run.train_rows if isinstance(r.get("tokens_per_s"), (int, float))]
     if speeds:
         text += f" · {speeds[-1]:.0f} {t('train.tps', lang)}"
-    return views.live(run, text, lambda k: t(k, lang))
+    return views.live(run, state, text)
 
 
 # ---------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def session_for(run_dir: Path) -> Session:
 def chat_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
     import gradio as gr
 
-    history = gr.State([])
     with ctx.label(gr.Tab(ctx.t("tab.chat"), id="chat"), "tab.chat"):
+        history = gr.State([])
         with gr.Row():
             run_box = ctx.label(gr.Textbox(label=ctx.t("chat.run_dir"), elem_id="chat-run"), "chat.run_dir")
             system = ctx.label(gr.Textbox(label=ctx.t("chat.system"), elem_id="chat-system"), "chat.system")
@@ -165,7 +165,7 @@ def chat_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
         msg = gr.HTML(elem_id="chat-error")
     outs = [msg, tuned, base, tuned_flag, base_flag, history, message]
     send_fn = guard(ctx, len(outs), lang_arg=0)(
-        lambda lg, run, sy, mx, hist, st, sb, text, *v: chat(ctx, fm, lg, run, sy, mx, hist, (st, sb), text, v))
+        lambda lg, run, sy, mx, hist, st, sb, text, *v: (yield from chat(ctx, fm, lg, run, sy, mx, hist, (st, sb), text, v)))
     for trigger in (send.click, message.submit):
         trigger(send_fn, inputs=[lang, run_box, system, limit, history, tuned, base, message, *fm.inputs],
                 outputs=outs)

@@ -117,12 +117,13 @@ def _supervised(tokenizer: Any, text: str, eot: set[int]) -> str:
     return "".join(out)
 
 
-def live(run: RunData | None, status: str, t: T) -> str:
+def live(run: RunData | None, state: str, status: str) -> str:
     """Status line, loss / learning-rate / grad-norm charts and the probe answers of a run being trained."""
+    line = f"<p class='{'err' if state == 'died' else 'ok' if state == 'finished' else ''}' data-status='{state}'>" \
+           f"{escape(status)}</p>"
     if run is None:
-        return page(f"<p data-status='1'>{escape(status)}</p>")
-    body = f"<p data-status='1'>{escape(status)}</p>" + report_html.charts(run, 0) + report_html.predictions_table(run)
-    return page(body)
+        return page(line)
+    return page(line + report_html.charts(run, 0) + report_html.predictions_table(run))
 
 
 def runs_table(runs: Sequence[RunData], links: dict[str, str], t: T) -> str:
