@@ -59,7 +59,8 @@ def start_training(ctx: Ctx, fm: Form, lang: str, overwrite: bool, values: tuple
         preset.parent.mkdir(parents=True, exist_ok=True)
         write_text(preset, form.yaml_text(cfg))
         extra = []
-    argv = ["train", str(preset), *extra] + (["--overwrite"] if overwrite else [])
+    shown = preset.relative_to(ctx.allowed.cwd) if preset.is_relative_to(ctx.allowed.cwd) else preset
+    argv = ["train", str(shown), *extra] + (["--overwrite"] if overwrite else [])
     job = jobs.start("train", run_dir, argv, ctx.allowed.cwd)
     return views.page(f"<p class='ok' data-started='{job.pid}'>{t('train.started', lang)}: "
                       f"<code>{views.escape(form.command(preset, extra, ctx.allowed.cwd))}</code> "

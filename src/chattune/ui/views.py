@@ -21,10 +21,10 @@ T = Callable[[str], str]  # a label looked up in the page's language (strings.t 
 CSS = report_html.CSS + """
 .mask{white-space:pre-wrap;word-break:break-word;font:13px/1.6 ui-monospace,monospace;background:#fff;
   border:1px solid #e2e8f0;border-radius:6px;padding:10px}
-.mask .sup{background:#bbf7d0;color:#14532d;border-bottom:2px solid #16a34a}
-.mask .ign{color:#64748b}
-.mask .cut{color:#b91c1c;text-decoration:line-through}
-.mask .eot{background:#16a34a;color:#fff;font-weight:600}
+.chattune .sup{background:#bbf7d0;color:#14532d;border-bottom:2px solid #16a34a}
+.chattune .ign{color:#64748b}
+.chattune .cut{color:#b91c1c;text-decoration:line-through}
+.chattune .eot{background:#16a34a;color:#fff;font-weight:600}
 .hist{display:grid;grid-template-columns:max-content 1fr max-content;gap:2px 8px;font-size:12px;max-width:640px}
 .hist .bar{background:#0ea5e9;height:12px;border-radius:2px}
 .hist .bar.over{background:#dc2626}
