@@ -72,7 +72,15 @@ def test_configure_train_watch_and_chat_in_chromium(page):
     b.click_tab(drv, "Train")
     b.click(drv, "start")
     b.wait_for(lambda: b.css(drv, "#train-message [data-started]"), 30, "the training process started")
-    seen = []
+    seen = [loss_points(drv)]  # the process has only just started: no chart yet
+    b.click(drv, "start")  # the same run folder again while the first training lives: refused
+    refused = b.wait_for(lambda: b.css(drv, "#train-message [data-error]"), 30, "the second start refused")
+    assert "this run directory is in use: a training started from this page is running there" in refused[0].text
+    drv.refresh()  # a reloaded page finds the running training again
+    b.wait_for(lambda: value(drv, "f-output_dir") == "runs/tiny", 60, "the page loaded again")
+    b.click_tab(drv, "Train")
+    b.wait_for(lambda: b.css(drv, "#live [data-status='running'], #live [data-status='finished']"), 30,
+               "the reloaded page attached to the run")
 
     def finished() -> bool:
         seen.append(loss_points(drv))

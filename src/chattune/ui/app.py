@@ -16,7 +16,7 @@ def build(ctx: Ctx) -> Any:
 
     with gr.Blocks(title="chattune", analytics_enabled=False) as demo:
         with gr.Row():
-            title = ctx.label(gr.Markdown(f"## {ctx.t('title')}"), "title", "value")
+            ctx.label(gr.Markdown(f"## {ctx.t('title')}"), "title", "value", "## {}")
             lang = ctx.label(gr.Radio([("English", "en"), ("中文", "zh")], value=ctx.lang, label=ctx.t("lang"),
                                       elem_id="lang"), "lang")
         with gr.Tabs():
@@ -27,8 +27,7 @@ def build(ctx: Ctx) -> Any:
             tabs_results.evaluate_tab(ctx, lang, form)
             tabs_results.export_tab(ctx, lang, form)
             tabs_results.runs_tab(ctx, lang)
-        lang.change(functools.partial(relabel, ctx), inputs=lang, outputs=[c for c, _, _ in ctx.labels])
-        del title
+        lang.change(functools.partial(relabel, ctx), inputs=lang, outputs=[c for c, _, _, _ in ctx.labels])
     return demo
 
 
@@ -36,8 +35,4 @@ def relabel(ctx: Ctx, lang: str) -> list[Any]:
     """Every registered component's text in the chosen language."""
     import gradio as gr
 
-    out = []
-    for _, key, attr in ctx.labels:
-        text = t(key, lang)
-        out.append(gr.update(**{attr: f"## {text}" if key == "title" else text}))
-    return out
+    return [gr.update(**{attr: fmt.format(t(key, lang))}) for _, key, attr, fmt in ctx.labels]

@@ -28,11 +28,11 @@ class Ctx:
     allowed: Allowed
     lang: str = "en"
     log_file: Path | None = None
-    labels: list[tuple[Any, str, str]] = field(default_factory=list)  # (component, string key, attribute)
+    labels: list[tuple[Any, str, str, str]] = field(default_factory=list)  # (component, string key, attribute, format)
 
-    def label(self, component: Any, key: str, attr: str = "label") -> Any:
-        """Register a component whose `attr` shows strings[key]; returns the component."""
-        self.labels.append((component, key, attr))
+    def label(self, component: Any, key: str, attr: str = "label", fmt: str = "{}") -> Any:
+        """Register a component whose `attr` shows fmt.format(strings[key]); returns the component."""
+        self.labels.append((component, key, attr, fmt))
         return component
 
     def t(self, key: str) -> str:

@@ -99,15 +99,15 @@ def export_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
 
     with ctx.label(gr.Tab(ctx.t("tab.export"), id="export"), "tab.export"):
         run_box = ctx.label(gr.Textbox(label=ctx.t("chat.run_dir"), elem_id="export-run"), "chat.run_dir")
-        ctx.label(gr.Markdown(f"### {ctx.t('export.merge')}"), "export.merge", "value")
+        ctx.label(gr.Markdown(f"### {ctx.t('export.merge')}"), "export.merge", "value", "### {}")
         with gr.Row():
             out = ctx.label(gr.Textbox(label=ctx.t("export.out"), elem_id="merge-out"), "export.out")
             dtype = ctx.label(gr.Dropdown(list(MergeOptions.model_fields["dtype"].annotation.__args__),
                                           value=MERGE.dtype, label=ctx.t("export.dtype")), "export.dtype")
         go = ctx.label(gr.Button(ctx.t("export.run"), variant="primary", elem_id="merge-go"), "export.run", "value")
         status = gr.HTML(elem_id="merge-status")
-    go.click(guard(ctx, 1, lang_arg=0)(lambda lg, run, o, d, *v: (yield from export(ctx, fm, lg, "merge", run, v, o, d))),
-             inputs=[lang, run_box, out, dtype, *fm.inputs], outputs=status)
+    merge = guard(ctx, 1, lang_arg=0)(lambda lg, run, o, d, *v: (yield from export(ctx, fm, lg, "merge", run, v, o, d)))
+    go.click(merge, inputs=[lang, run_box, out, dtype, *fm.inputs], outputs=status)
 
 
 def export(ctx: Ctx, fm: Form, lang: str, action: str, run: str, values: tuple, *args: Any) -> Iterator[str]:

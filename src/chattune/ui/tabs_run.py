@@ -165,8 +165,10 @@ def chat_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
             reset = ctx.label(gr.Button(ctx.t("chat.reset"), elem_id="chat-reset"), "chat.reset", "value")
         msg = gr.HTML(elem_id="chat-error")
     outs = [msg, tuned, base, tuned_flag, base_flag, history, message]
-    send_fn = guard(ctx, len(outs), lang_arg=0)(
-        lambda lg, run, sy, mx, hist, st, sb, text, *v: (yield from chat(ctx, fm, lg, run, sy, mx, hist, (st, sb), text, v)))
+    def send_fn(lg: str, run: str, sy: str, mx: float, hist: list, st: list, sb: list, text: str, *v: Any) -> Iterator:
+        yield from chat(ctx, fm, lg, run, sy, mx, hist, (st, sb), text, v)
+
+    send_fn = guard(ctx, len(outs), lang_arg=0)(send_fn)
     for trigger in (send.click, message.submit):
         trigger(send_fn, inputs=[lang, run_box, system, limit, history, tuned, base, message, *fm.inputs],
                 outputs=outs)
