@@ -29,13 +29,17 @@ def scroll_to(drv, elem_id: str) -> None:
     drv.execute_script("document.getElementById(arguments[0]).scrollIntoView({block: 'start'})", elem_id)
 
 
-def tour(drv, out: Path, prompt: str) -> None:
+def tour(drv, out: Path, prompt: str, fields: list[str]) -> None:
     value = lambda eid: b.css(drv, f"#{eid} textarea, #{eid} input")[0].get_attribute("value")  # noqa: E731
     b.wait_for(lambda: value("f-output_dir") == "runs/demo", 60, "the demo preset in the form")
     next(lab for lab in b.css(drv, "#lang label") if "中文" in lab.text).click()
     b.wait_for(lambda: "配置" in [x.text for x in b.css(drv, "button[role='tab']")], 20, "Chinese labels")
+    for item in fields:  # e.g. f-train-epochs=1: a field of an open section
+        elem_id, text = item.split("=", 1)
+        b.fill(drv, elem_id, text)
     b.click(drv, "validate")
     b.wait_for(lambda: b.css(drv, "[data-valid]"), 30, "the settings checked")
+    drv.execute_script("window.scrollTo(0, 0)")
     shot(drv, out, "configure")
     scroll_to(drv, "command")
     shot(drv, out, "configure-yaml")
@@ -75,14 +79,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:7861/")
     p.add_argument("--out", default="docs/images")
-    p.add_argument("--prompt", default="你是谁？")
+    p.add_argument("--prompt", default="Who are you?")
+    p.add_argument("--field", action="append", default=[], metavar="ELEM_ID=TEXT",
+                   help="type into a form field first, e.g. f-train-epochs=1 for a shorter run")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     drv = b.driver(1280, 860)
     try:
         drv.get(args.url)
-        tour(drv, out, args.prompt)
+        tour(drv, out, args.prompt, args.field)
     finally:
         drv.quit()
 

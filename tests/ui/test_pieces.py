@@ -145,6 +145,10 @@ def test_a_run_folder_in_use_is_refused(tmp_path):
     old = time.time() - jobs.RECENT_S - 5
     os.utime(run / "metrics.jsonl", (old, old))
     assert jobs.run_in_use(run) is None
+    # Metrics written a moment ago by the page's own training, which has stopped since: free again.
+    os.utime(run / "metrics.jsonl")
+    (tmp_path / "l").write_text("interrupted\n")
+    assert jobs.run_in_use(run) is None
 
 
 def test_a_dead_training_shows_its_last_error_not_a_traceback(tmp_path):

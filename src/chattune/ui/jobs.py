@@ -80,8 +80,13 @@ def run_in_use(run_dir: Path) -> str | None:
     if job and job.alive:
         return f"a training started from this page is running there (process {job.pid})"
     metrics = RunDir(run_dir).metrics
-    if metrics.is_file() and not RunDir(run_dir).is_finished() and time.time() - metrics.stat().st_mtime < RECENT_S:
-        return f"its metrics.jsonl was written {time.time() - metrics.stat().st_mtime:.0f} s ago by a running training"
+    if not metrics.is_file() or RunDir(run_dir).is_finished():
+        return None
+    written = metrics.stat().st_mtime
+    if job and job.log.is_file() and job.log.stat().st_mtime >= written - 1:
+        return None  # the last metrics came from the page's own training, which has ended (it logs until it stops)
+    if time.time() - written < RECENT_S:
+        return f"its metrics.jsonl was written {time.time() - written:.0f} s ago by a running training"
     return None
 
 
