@@ -55,10 +55,14 @@ def tour(drv, out: Path, prompt: str, fields: list[str]) -> None:
     if not b.wait_for(lambda: b.css(drv, "#live [data-status]"), 30, "the run's state")[0].get_attribute(
             "data-status") == "finished":
         b.click(drv, "start")
-        b.wait_for(lambda: b.css(drv, "#live svg[data-chart] polyline"), 600, "the first points of the loss chart")
+        b.wait_for(lambda: b.css(drv, "#live [data-status='running']") and int(b.css(
+            drv, "#live svg[data-chart='run-0-loss'] polyline")[0].get_attribute("data-points")) >= 2, 1200,
+                   "a running training with points on the loss chart", every=2)
         shot(drv, out, "train-running")
         b.wait_for(lambda: b.css(drv, "#live [data-status='finished']"), 1800, "the demo to finish", every=2)
     shot(drv, out, "train")
+    drv.execute_script("document.querySelector('#live table.predictions').scrollIntoView({block: 'center'})")
+    shot(drv, out, "train-probes")
     b.click_tab(drv, "对话")
     b.fill(drv, "chat-max", "64")
     b.fill(drv, "chat-message", prompt)
