@@ -7,6 +7,7 @@ from typing import Any
 
 from chattune.ui import tabs_config, tabs_results, tabs_run
 from chattune.ui.context import Ctx
+from chattune.ui.form import fields
 from chattune.ui.strings import t
 
 
@@ -19,11 +20,15 @@ def build(ctx: Ctx) -> Any:
             ctx.label(gr.Markdown(f"## {ctx.t('title')}"), "title", "value", "## {}")
             lang = ctx.label(gr.Radio([("English", "en"), ("中文", "zh")], value=ctx.lang, label=ctx.t("lang"),
                                       elem_id="lang"), "lang")
+        form = tabs_config.Form(list(fields()))
+        # The states live outside the tabs: a gr.State inside a tab makes the next tab show its label.
+        state = gr.State(tabs_config.preset_values(ctx, form, tabs_config.first_preset(ctx))[0])
+        history = gr.State([])
         with gr.Tabs():
-            form = tabs_config.configure_tab(ctx, lang)
+            tabs_config.configure_tab(ctx, lang, form, state)
             tabs_config.data_tab(ctx, lang, form)
             tabs_run.train_tab(ctx, lang, form, demo)
-            tabs_run.chat_tab(ctx, lang, form)
+            tabs_run.chat_tab(ctx, lang, form, history)
             tabs_results.evaluate_tab(ctx, lang, form)
             tabs_results.export_tab(ctx, lang, form)
             tabs_results.runs_tab(ctx, lang)

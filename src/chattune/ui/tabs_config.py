@@ -63,16 +63,20 @@ def check_paths(ctx: Ctx, cfg: config.RunConfig) -> None:
                 ctx.allowed.check(p, what=key)
 
 
-def configure_tab(ctx: Ctx, lang: Any) -> Form:
+def first_preset(ctx: Ctx) -> str | None:
+    """The preset the page opens with: configs/demo.yaml when there is one."""
+    choices = presets(ctx.allowed.cwd)
+    return "configs/demo.yaml" if "configs/demo.yaml" in choices else (choices[0] if choices else None)
+
+
+def configure_tab(ctx: Ctx, lang: Any, fm: Form, state: Any) -> Form:
+    """`state` (the preset and its values) is made outside the tabs: a State inside a tab mislabels the next tab."""
     import gradio as gr
 
-    cwd = ctx.allowed.cwd
-    fm = Form(list(form.fields()))
-    choices = presets(cwd)
-    first = "configs/demo.yaml" if "configs/demo.yaml" in choices else (choices[0] if choices else None)
+    choices = presets(ctx.allowed.cwd)
+    first = first_preset(ctx)
+    first_values = state.value["initial"]
     with ctx.label(gr.Tab(ctx.t("tab.configure"), id="configure"), "tab.configure"):
-        first_state, first_values = preset_values(ctx, fm, first)
-        state = gr.State(first_state)
         with gr.Row():
             preset = ctx.label(gr.Dropdown(choices, value=first, label=ctx.t("cfg.preset"), elem_id="preset",
                                            allow_custom_value=True), "cfg.preset")

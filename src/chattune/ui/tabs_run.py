@@ -142,11 +142,10 @@ def session_for(run_dir: Path) -> Session:
     return _SESSIONS[key]
 
 
-def chat_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
+def chat_tab(ctx: Ctx, lang: Any, fm: Form, history: Any) -> None:
     import gradio as gr
 
     with ctx.label(gr.Tab(ctx.t("tab.chat"), id="chat"), "tab.chat"):
-        history = gr.State([])
         with gr.Row():
             run_box = ctx.label(gr.Textbox(label=ctx.t("chat.run_dir"), elem_id="chat-run"), "chat.run_dir")
             system = ctx.label(gr.Textbox(label=ctx.t("chat.system"), elem_id="chat-system"), "chat.system")
