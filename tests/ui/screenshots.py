@@ -70,10 +70,10 @@ def tour(drv, out: Path, prompt: str, fields: list[str]) -> None:
     b.wait_for(lambda: len(b.css(drv, "#flag-tuned [data-stopped], #flag-base [data-stopped]")) == 2, 300,
                "both answers")
     shot(drv, out, "chat")
-    for tab, name in (("评测", "evaluate"), ("导出", "export")):
-        b.click_tab(drv, tab)
+    for name in ("evaluate", "export"):
+        b.css(drv, f"button[role='tab'][data-tab-id='{name}']")[0].click()
         shot(drv, out, name)
-    b.click_tab(drv, "运行记录")
+    b.css(drv, "button[role='tab'][data-tab-id='runs']")[0].click()
     b.click(drv, "runs-refresh")
     b.wait_for(lambda: b.css(drv, "#runs-table table"), 60, "the runs table")
     shot(drv, out, "runs")

@@ -21,7 +21,7 @@ def build(ctx: Ctx) -> Any:
             lang = ctx.label(gr.Radio([("English", "en"), ("中文", "zh")], value=ctx.lang, label=ctx.t("lang"),
                                       elem_id="lang"), "lang")
         form = tabs_config.Form(list(fields()))
-        # The states live outside the tabs: a gr.State inside a tab makes the next tab show its label.
+        # Only tabs inside gr.Tabs: any other child there (a State, a Timer) shifts the labels of the tabs after it.
         state = gr.State(tabs_config.preset_values(ctx, form, tabs_config.first_preset(ctx))[0])
         history = gr.State([])
         with gr.Tabs():

@@ -40,11 +40,11 @@ def train_tab(ctx: Ctx, lang: Any, fm: Form, demo: Any) -> None:
                                   "train.overwrite")
         msg = gr.HTML(elem_id="train-message")
         live = gr.HTML(elem_id="live")
+        timer = gr.Timer(TICK_S)  # inside the tab: any other child of gr.Tabs shifts the tab labels after it
     start.click(guard(ctx, 1, lang_arg=0)(lambda lg, ow, *v: start_training(ctx, fm, lg, ow, v)),
                 inputs=[lang, overwrite, *fm.inputs], outputs=msg)
     stop.click(guard(ctx, 1, lang_arg=0)(lambda lg, *v: stop_training(ctx, fm, lg, v)),
                inputs=[lang, *fm.inputs], outputs=msg)
-    timer = gr.Timer(TICK_S)
     timer.tick(guard(ctx, 1, lang_arg=0)(lambda lg, *v: live_view(ctx, fm, lg, v)), inputs=[lang, *fm.inputs],
                outputs=live, show_progress="hidden")
 
