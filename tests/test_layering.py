@@ -21,6 +21,7 @@ PKG = "chattune"
 # Highest first. A module may import from its own package or from any package in a LOWER layer.
 LAYERS: list[set[str]] = [
     {"cli"},
+    {"ui"},                                             # the browser page: drives the verbs as cli.py does
     {"verbs"},                                          # one module per verb, its spine
     {"train", "evaluate", "export", "report", "serve"},  # what the verbs are made of
     {"infer"},                                          # load a run, generate (train's probes use it too)
@@ -268,6 +269,6 @@ def test_checker_allows_deferred_heavy_imports_only(tmp_path):
     assert len(bad) == 1 and "model/load.py:3" in bad[0] and "json" in bad[0]
 
 
-@pytest.mark.parametrize("module,layer", [("chattune.cli", 0), ("chattune.verbs.train", 1), ("chattune.errors", 8)])
+@pytest.mark.parametrize("module,layer", [("chattune.cli", 0), ("chattune.ui.app", 1), ("chattune.verbs.train", 2), ("chattune.errors", 9)])
 def test_layer_of(module, layer):
     assert layer_of(module) == layer

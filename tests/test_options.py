@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import pytest
 from pydantic import Field
@@ -32,11 +32,13 @@ def test_the_parser_takes_every_option_from_its_model(verb):
     for name, field in options.VERBS[verb].model_fields.items():
         action = action_for(parser, name)
         assert action.dest == name
-        assert action.default == field.default, name
+        assert action.default == field.get_default(call_default_factory=True), name
         assert action.help == field.description, name
         kind, choices = options.value_type(field.annotation)
         assert action.choices == choices, name
-        if kind is bool:
+        if get_origin(kind) is list:  # a repeatable option: --allow A --allow B
+            assert isinstance(action, argparse._AppendAction) and action.type is get_args(kind)[0], name
+        elif kind is bool:
             assert isinstance(action, argparse._StoreTrueAction), name
         else:
             assert action.type is kind, name
@@ -45,7 +47,8 @@ def test_the_parser_takes_every_option_from_its_model(verb):
 @pytest.mark.parametrize("verb", sorted(options.VERBS))
 def test_the_parsed_defaults_are_the_models_defaults(verb):
     required = {"predict": ["--data", "d.jsonl", "--out", "o.jsonl"], "merge": ["--out", "merged"]}.get(verb, [])
-    args = vars(cli.build_parser().parse_args([verb, "RUN", *required]))
+    run = [] if verb == "ui" else ["RUN"]  # the page takes no run directory
+    args = vars(cli.build_parser().parse_args([verb, *run, *required]))
     defaults = options.VERBS[verb]().model_dump()
     assert {k: args[k] for k in defaults} == defaults
 
@@ -53,7 +56,7 @@ def test_the_parsed_defaults_are_the_models_defaults(verb):
 def test_every_option_has_help_and_a_verb_section_in_keys():
     keys = list(options.iter_keys())
     assert all(help_ for _, _, help_ in keys), [k for k, _, h in keys if not h]
-    assert {k.split(".")[0] for k, _, _ in keys} == {"chat", "eval", "predict", "merge", "serve"}
+    assert {k.split(".")[0] for k, _, _ in keys} == {"chat", "eval", "predict", "merge", "serve", "ui"}
     assert ("serve.max_tokens_limit", 2048, "largest max_tokens a request may ask for") in keys
 
 

@@ -108,6 +108,12 @@ def _report(args: argparse.Namespace) -> None:
     report.run(args.run_dirs, out=args.out)
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from chattune.ui import server
+
+    server.run(host=args.host, port=args.port, lang=args.lang, allow=args.allow, auth=args.auth)
+
+
 def _keys(args: argparse.Namespace) -> None:
     from chattune.config import iter_keys
 
@@ -179,6 +185,10 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     g.add_argument("file", help="the .gguf file")
     g.add_argument("out_dir", help="the folder to write")
     g.set_defaults(func=_import_gguf)
+
+    u = sub.add_parser("ui", help="the whole loop in a browser page (configure, check data, train, chat, evaluate)")
+    options.add_arguments(u, options.UiOptions)
+    u.set_defaults(func=_ui)
 
     k = sub.add_parser("keys", help="list every config key, and every option of the verbs, with its default and help")
     k.set_defaults(func=_keys)

@@ -200,8 +200,14 @@ class RunConfig(_Section):
 
 def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path | None = None) -> RunConfig:
     """Read a YAML file (or nothing), apply key=value overrides, validate everything at once."""
+    raw = read_raw(path, overrides)
+    cfg = validate(raw, where=str(path) if path else "config", overrides=override_keys(overrides))
+    return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
+
+
+def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML file's mapping (or {}) with the key=value overrides applied, not validated yet."""
     raw: dict[str, Any] = {}
-    where = str(path) if path else "config"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -214,8 +220,7 @@ def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path |
             raise ConfigError("the top level must be a mapping of sections (model:, data:, ...)", where=str(path))
     for item in overrides:
         _apply_override(raw, item)
-    cfg = validate(raw, where=where, overrides=override_keys(overrides))
-    return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
+    return raw
 
 
 def yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
@@ -259,18 +264,26 @@ def validate(raw: dict[str, Any], *, where: str = "config", overrides: dict[str,
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         overrides = overrides or {}
-        origins = [_origin(".".join(str(p) for p in err["loc"]), overrides) for err in exc.errors()]
-        problems = [_describe(err, raw) + (f" [from the command line: {o}]" if o else "")
-                    for err, o in zip(exc.errors(), origins)]
+        found = problems(exc, raw)
+        origins = [_origin(key, overrides) for key, _ in found]
+        texts = [text + (f" [from the command line: {o}]" if o else "") for (_, text), o in zip(found, origins)]
         if origins and all(origins):
             where = "command line"
         elif any(origins):
             where = f"{where} and the command line"
         raise ConfigError(
-            f"{len(problems)} problem(s):\n  " + "\n  ".join(problems),
+            f"{len(texts)} problem(s):\n  " + "\n  ".join(texts),
             where=where,
             fix="see `chattune keys` for every key with its help",
         ) from None
+
+
+def problems(exc: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key path, the CLI's message) for each problem of a failed validation; the key is '' for the whole config.
+
+    `validate` joins the messages into one ConfigError; `chattune ui` shows each next to its field.
+    """
+    return [(".".join(str(p) for p in err["loc"]), _describe(err, raw)) for err in exc.errors()]
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:

@@ -78,15 +78,27 @@ class ServeOptions(_Options):
     max_body_bytes: int = Field(1_000_000, description="largest request body")
 
 
+class UiOptions(_Options):
+    """`chattune ui`."""
+
+    host: str = Field("127.0.0.1", description="address to bind; any other than loopback needs --auth")
+    port: int = Field(7860, description="TCP port")
+    lang: Literal["en", "zh"] = Field("en", description="language of the page at first (switchable on the page)")
+    allow: list[str] = Field(default_factory=list,
+                             description="a folder the page may read and write besides the working folder (repeatable)")
+    auth: str | None = Field(None, description="user:password asked by the page (or set CHATTUNE_UI_AUTH)")
+
+
 GENERATION = GenerationOptions()
 CHAT = ChatOptions()
 EVAL = EvalOptions()
 PREDICT = PredictOptions()
 MERGE = MergeOptions()
 SERVE = ServeOptions()
+UI = UiOptions()
 
 VERBS: dict[str, type[_Options]] = {"chat": ChatOptions, "eval": EvalOptions, "predict": PredictOptions,
-                                    "merge": MergeOptions, "serve": ServeOptions}
+                                    "merge": MergeOptions, "serve": ServeOptions, "ui": UiOptions}
 
 
 def flag(name: str) -> str:
@@ -108,7 +120,10 @@ def value_type(annotation: Any) -> tuple[type, list[Any] | None]:
 def argument_spec(name: str, field: FieldInfo) -> dict[str, Any]:
     """add_argument's keywords for one option: its default, help, type and choices."""
     kind, choices = value_type(field.annotation)
-    spec: dict[str, Any] = {"default": field.default, "help": field.description}
+    spec: dict[str, Any] = {"default": field.get_default(call_default_factory=True), "help": field.description}
+    if get_origin(kind) is list:  # repeatable: --allow A --allow B
+        spec["action"] = "append"
+        kind = get_args(kind)[0]
     if kind is bool:
         if field.default is not False:
             raise TypeError(f"option {name}: a switch must default to False (--{name} turns it on)")
@@ -130,4 +145,4 @@ def iter_keys() -> Iterator[tuple[str, Any, str]]:
     """Yield (verb.option, default, help) for every verb option: `chattune keys` lists them after the config keys."""
     for verb, options in VERBS.items():
         for name, field in options.model_fields.items():
-            yield f"{verb}.{name}", field.default, field.description or ""
+            yield f"{verb}.{name}", field.get_default(call_default_factory=True), field.description or ""
