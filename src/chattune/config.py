@@ -42,6 +42,9 @@ class ModelConfig(_Section):
     bnb_4bit_double_quant: bool = Field(True, description="also quantise the 4-bit quantisation constants")
     bnb_4bit_compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of 4-bit matmuls; auto = model.dtype")
     device_map: str | None = Field(None, description="inference only: spread a model too large for one device (e.g. auto); training uses one device per process")
+    adapter: str | None = Field(
+        None, description="start training from this run's trained adapter (a run directory such as runs/sft, or an adapter folder) instead of fresh LoRA weights"
+    )
 
 
 class DataConfig(_Section):
@@ -92,6 +95,11 @@ class LoraConfig(_Section):
     shared_dropout: bool = Field(
         True, description="adapters reading the same input (q/k/v, gate/up) share one dropout mask, as a fused projection does"
     )
+    variant: Literal["lora", "dora", "rslora", "pissa", "loraplus"] = Field(
+        "lora", description="lora; dora (magnitude + direction); rslora (scale alpha/sqrt(r)); pissa (init from the top singular vectors); loraplus (B learns faster than A)"
+    )
+    loraplus_lr_ratio: float = Field(16.0, ge=1, description="lora.variant=loraplus: learning rate of B / learning rate of A")
+    pissa_niter: int = Field(16, ge=0, description="lora.variant=pissa: subspace iterations of the fast SVD (0 = exact SVD, slow on large layers)")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -131,6 +139,19 @@ class TrainConfig(_Section):
     )
     cpu_offload: bool = Field(False, description="deepspeed_zero2/3, fsdp: keep optimizer state (zero3/fsdp: also weights) in CPU memory")
     deepspeed_config: str | None = Field(None, description="your own DeepSpeed JSON (e.g. a copy of configs/distributed/deepspeed_zero3.json) instead of the built-in one")
+    method: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        "sft", description="sft (answers); dpo, orpo, simpo (preference pairs: prompt, chosen, rejected; see docs/training-methods.md)"
+    )
+    beta: float | None = Field(
+        None, gt=0, description="dpo: KL strength (default 0.1); orpo: weight of the odds-ratio term (default 0.1); simpo: reward scale (default 2.0)"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo, simpo: assumed fraction of flipped preference labels (conservative DPO)")
+
+    @property
+    def preference_beta(self) -> float:
+        """train.beta, or the method's usual default when unset."""
+        return self.beta if self.beta is not None else {"simpo": 2.0}.get(self.method, 0.1)
 
     @model_validator(mode="after")
     def _distributed_options(self) -> "TrainConfig":
@@ -191,6 +212,12 @@ class RunConfig(_Section):
     def _needs_data(self) -> "RunConfig":
         if not self.data.train:
             raise ValueError("data.train is empty: name at least one training file")
+        # QLoRA stores Quant(W - AB): the PiSSA adapter cannot be turned back into a plain LoRA of the original base.
+        if self.lora.variant == "pissa" and self.model.quantization != "none":
+            raise ValueError("lora.variant=pissa changes the base weights, which a quantised base (model.quantization) "
+                             "cannot give back exactly; use lora.variant=lora or dora with QLoRA, or model.quantization=none")
+        if self.train.label_smoothing and self.train.method not in ("dpo", "simpo"):
+            raise ValueError("train.label_smoothing applies to train.method=dpo or simpo only")
         return self
 
 
@@ -303,6 +330,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.eval = [fix(p) for p in cfg.data.eval]
     cfg.tracking.probe_file = fix(cfg.tracking.probe_file)
+    cfg.model.adapter = fix(cfg.model.adapter)
     if cfg.train.deepspeed_config:
         cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
     return cfg

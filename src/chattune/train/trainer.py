@@ -11,6 +11,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from chattune.config import RunConfig
 from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.render import ChatRenderer
+from chattune.model.lora import loraplus_optimizer
 from chattune.model.packed_attention import use_packed_attention
 from chattune.rundir import RunDir
 from chattune.track import make_trackers
@@ -31,10 +32,18 @@ class ChattuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, token_counter: TokenCounter | None = None,
-                 fingerprints: dict[str, str] | None = None, **kwargs: Any):
+                 fingerprints: dict[str, str] | None = None, loraplus_lr_ratio: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.token_counter = token_counter
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.add_callback(PublishCheckpoints(fingerprints or {}))
+
+    def create_optimizer(self, model=None):
+        # LoRA+ (lora.variant=loraplus): B's learning rate is lora.loraplus_lr_ratio times A's.
+        if self.loraplus_lr_ratio is not None and self.optimizer is None:
+            self.optimizer = loraplus_optimizer(self.model if model is None else model, lr=self.args.learning_rate,
+                                                ratio=self.loraplus_lr_ratio, weight_decay=self.args.weight_decay)
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Normalising by num_items_in_batch matches the Trainer's own rule: such a loss is
@@ -102,6 +111,7 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
         data_collator=make_collate(cfg.train.padding_free, tokenizer.pad_token_id),  # eval uses the same collator
         token_counter=counter,
         fingerprints=fingerprints,
+        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.lora.variant == "loraplus" else None,
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
