@@ -218,7 +218,21 @@ class RunConfig(_Section):
                              "cannot give back exactly; use lora.variant=lora or dora with QLoRA, or model.quantization=none")
         if self.train.label_smoothing and self.train.method not in ("dpo", "simpo"):
             raise ValueError("train.label_smoothing applies to train.method=dpo or simpo only")
+        if self.train.method != "sft":
+            self._check_preference()
         return self
+
+    def _check_preference(self) -> None:
+        m = self.train.method
+        if self.data.eval or self.data.eval_ratio or self.data.eval_size:
+            raise ValueError(f"train.method={m}: held-out pairs are scored by `chattune eval RUN --preference FILE`; "
+                             "drop data.eval / data.eval_ratio / data.eval_size and keep those pairs in a file of their own")
+        if self.train.sampling == "group_by_length":
+            raise ValueError(f"train.method={m} batches pairs: use train.sampling=random")
+        # DPO's reference is the model with its adapter off, which PiSSA has changed (its residual base).
+        if m == "dpo" and self.lora.variant == "pissa" and not self.model.adapter:
+            raise ValueError("train.method=dpo with lora.variant=pissa: the adapter-off reference would be PiSSA's "
+                             "residual weights, not the base; use another lora.variant")
 
 
 # ---------------------------------------------------------------------------
