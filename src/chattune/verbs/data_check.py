@@ -19,6 +19,7 @@ from rich.console import Console
 
 from chattune.config import RunConfig
 from chattune.data.check import CheckReport, build_report, default_out, render_both, scan_files
+from chattune.data.preference import check_layout
 from chattune.data.render import ChatRenderer
 from chattune.errors import DataError
 from chattune.files import write_json
@@ -34,6 +35,7 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
     """Check cfg's training (and eval) data with cfg's tokenizer, template and max_length; print and save the findings."""
     console = Console(highlight=False)
     d = cfg.data
+    check_layout(d.train, cfg.train.method)  # preference data for sft, or sft data for dpo: the layout expected
     files, conversations = scan_files(cfg)
     view.show_files(console, files)
     if not conversations:
@@ -49,6 +51,8 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
     view.show_histogram(console, report.histogram, d.max_length)
     report.png = _try_png(rendered.lengths.total, d.max_length, out_dir / "token_lengths.png", len(rendered.full))
     if preview:
+        if cfg.train.method != "sft":  # the first pairs, chosen then rejected: both sides' supervised tokens
+            preview *= 2
         view.show_previews(console, renderer, rendered.full[:preview], d.max_length)
     write_json(out_dir / "check.json", asdict(report))
     console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)
