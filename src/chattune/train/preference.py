@@ -4,9 +4,10 @@ The losses are TRL's own (trl.experimental's CPOTrainer.cpo_loss and ORPOTrainer
 chattune's log-likelihoods); chattune computes what goes into them, from its own labels:
 - each answer's summed log-probability over its supervised tokens (the answer through its end-of-turn token),
   from logits at supervised positions only, in padding-free batches exactly as SFT;
-- DPO's reference log-probabilities once, before the first step, from the model as training starts: the base
-  with the adapter switched off (peft's disable_adapter: no second copy in memory), or, when training continues
-  an earlier run's adapter (model.adapter), that adapter as it was loaded.
+- DPO's reference log-probabilities: the base with the adapter switched off (peft's disable_adapter: no second
+  copy in memory), once per pair, the first time the pair is trained on; or, when training continues an earlier
+  run's adapter (model.adapter), that adapter as loaded, for every pair before the first step (adapter-off would
+  be the base, not the SFT model DPO should stay close to).
 
 DPO's sigmoid loss is -log σ(β·((c - c_ref) - (r - r_ref))): TRL 1.16's DPOTrainer writes it inside its
 _compute_loss (no separate function to call), and cpo_loss computes exactly that expression of its two inputs,
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from chattune.config import TrainConfig
 from chattune.data.render import Sample
 from chattune.errors import ConfigError
-from chattune.train.loss import supervised_positions
+from chattune.infer.score import sequence_logps
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -61,30 +62,6 @@ def pair_collate(collate: Callable[[list[dict]], dict[str, Any]]) -> Callable[[l
         return batch
 
     return collate_pairs
-
-
-def sequence_logps(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each sequence's supervised tokens, their count), in batch order.
-
-    Padded batches hold one sequence per row; padding-free ones one row whose position_ids restart at 0 per sequence.
-    """
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    keep, targets = supervised_positions(labels)
-    if "position_ids" in inputs and labels.shape[0] == 1:
-        starts = inputs["position_ids"][0] == 0
-        seq_of = (starts.cumsum(0) - 1)[keep[0].to(starts.device)]
-        n = int(starts.sum())
-    else:
-        seq_of = keep.nonzero()[:, 0]
-        n = labels.shape[0]
-    outputs = model(**inputs, logits_to_keep=keep)
-    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1]).float()
-    token_logps = -F.cross_entropy(logits, targets.to(logits.device), reduction="none")
-    seq_of = seq_of.to(logits.device)
-    sums = torch.zeros(n, device=logits.device).index_add(0, seq_of, token_logps)
-    counts = torch.zeros(n, device=logits.device).index_add(0, seq_of, torch.ones_like(token_logps))
-    return sums, counts
 
 
 def _trl() -> tuple[Any, Any]:
@@ -137,19 +114,39 @@ def preference_loss(t: TrainConfig, sums: torch.Tensor, counts: torch.Tensor,
 
 
 class PreferenceObjective:
-    """ChattuneTrainer's loss for preference methods, with the metrics averaged between two log lines."""
+    """ChattuneTrainer's loss for preference methods, with the metrics averaged between two log lines.
 
-    def __init__(self, t: TrainConfig, reference: torch.Tensor | None):
+    DPO's reference: precomputed (reference_logps, for a run that continues an earlier adapter), or else the
+    base with the adapter switched off, computed for each batch the first time its pairs come up and kept.
+    """
+
+    def __init__(self, t: TrainConfig, reference: torch.Tensor | None = None):
         self.t = t
         self.reference = reference  # (pairs, 2) summed log-probabilities; DPO only
+        self._ref_cache: dict[int, torch.Tensor] = {}
         self._sums: dict[str, list[float]] = defaultdict(list)
+
+    def reference_of(self, model: Any, inputs: dict[str, Any], index: torch.Tensor) -> torch.Tensor | None:
+        """The batch's reference log-probabilities, shape (pairs, 2); None for ORPO and SimPO."""
+        if self.t.method != "dpo":
+            return None
+        if self.reference is not None:
+            return self.reference[index.cpu()]
+        missing = [int(k) for k in index if int(k) not in self._ref_cache]
+        if missing:
+            peft_model = getattr(model, "module", model)  # DDP's wrapper has no disable_adapter
+            with torch.no_grad(), peft_model.disable_adapter():
+                sums, _ = sequence_logps(peft_model, inputs)
+            for k, row in zip(index.tolist(), sums.view(-1, 2).float().cpu()):
+                self._ref_cache[k] = row
+        return torch.stack([self._ref_cache[int(k)] for k in index])
 
     def loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """Mean preference loss of the batch's pairs (their metrics are kept for the next log line)."""
         inputs = dict(inputs)
         index = inputs.pop("pair_index")
+        ref = self.reference_of(model, inputs, index)
         sums, counts = sequence_logps(model, inputs)
-        ref = self.reference[index.cpu()] if self.reference is not None else None
         loss, metrics = preference_loss(self.t, sums, counts, ref)
         if model.training:
             for k, v in metrics.items():

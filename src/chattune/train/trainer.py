@@ -129,11 +129,10 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
         loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.lora.variant == "loraplus" else None,
         preference=PreferenceObjective(cfg.train, None) if pairs else None,
     )
-    if cfg.train.method == "dpo":  # after the Trainer placed the model on its device
+    if cfg.train.method == "dpo" and cfg.model.adapter:  # reference = the adapter as loaded, before any step
         with trainer.autocast_smart_context_manager():
             trainer.preference.reference = reference_logps(
-                model, trainer.train_dataset, trainer.data_collator, batch_size=cfg.train.batch_size,
-                adapter_off=not cfg.model.adapter)
+                model, trainer.train_dataset, trainer.data_collator, batch_size=cfg.train.batch_size, adapter_off=False)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(DistributedReport())  # processes and global batch, logged before the progress bar
