@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from chattune.errors import ConfigError
 from chattune.files import write_text
@@ -47,8 +48,28 @@ class ModelConfig(_Section):
     )
 
 
+class TrainSource(_Section):
+    path: str = Field(description="training data file")
+    fraction: float | None = Field(None, gt=0, le=1, description="use this fraction of the file's rows, drawn with train.seed")
+    samples: int | None = Field(None, ge=1, description="use this many of the file's rows, drawn with train.seed (more than the file has: it is repeated)")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "TrainSource":
+        if self.fraction is not None and self.samples is not None:
+            raise ValueError("give fraction or samples for a data.train entry, not both")
+        return self
+
+
+# A plain path or a {path, fraction|samples} mapping, told apart by type, so an error names only the mapping's key.
+TrainEntry = Annotated[Union[Annotated[str, Tag("file")], Annotated[TrainSource, Tag("part")]],
+                       Discriminator(lambda v: "file" if isinstance(v, str) else "part")]
+
+
 class DataConfig(_Section):
-    train: list[str] = Field(default_factory=list, description="training data file(s): .json, .jsonl, .csv, .parquet")
+    train: list[TrainEntry] = Field(
+        default_factory=list,
+        description="training data file(s): .json, .jsonl, .csv, .parquet; an entry may be {path, fraction} or {path, samples} to mix in part of a file",
+    )
     eval: list[str] = Field(default_factory=list, description="evaluation data file(s); or split one off with eval_ratio / eval_size")
     eval_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of the training rows held out for evaluation (fixed seed)")
     eval_size: int = Field(0, ge=0, description="number of training rows held out for evaluation (fixed seed)")
@@ -74,6 +95,16 @@ class DataConfig(_Section):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @property
+    def train_paths(self) -> list[str]:
+        """The training files, whether named plainly or as {path, fraction|samples}."""
+        return [t if isinstance(t, str) else t.path for t in self.train]
+
+    @property
+    def mixed(self) -> bool:
+        """True when some training file is used in part (a fraction or a sample count)."""
+        return any(not isinstance(t, str) and (t.fraction is not None or t.samples is not None) for t in self.train)
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> "DataConfig":
@@ -341,7 +372,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
             return p
         return str((base / p)) if (base / p).exists() else p
 
-    cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.data.train = [fix(p) if isinstance(p, str) else p.model_copy(update={"path": fix(p.path)}) for p in cfg.data.train]
     cfg.data.eval = [fix(p) for p in cfg.data.eval]
     cfg.tracking.probe_file = fix(cfg.tracking.probe_file)
     cfg.model.adapter = fix(cfg.model.adapter)

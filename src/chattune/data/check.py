@@ -102,7 +102,7 @@ def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
     d = cfg.data
     files: list[FileReport] = []
     conversations: list[Conversation] = []
-    for role, paths in (("train", d.train), ("eval", d.eval)):
+    for role, paths in (("train", d.train_paths), ("eval", d.eval)):
         for path in paths:
             rep = FileReport(path=str(path), role=role)
             files.append(rep)

@@ -117,7 +117,7 @@ def facts(r: RunData) -> str:
     """The settings that matter most, in one line."""
     items = [
         ("model", r.get("model.name_or_path")),
-        ("data", ", ".join(Path(p).name for p in r.get("data.train", []) or [])),
+        ("data", ", ".join(Path(p if isinstance(p, str) else p.get("path", "?")).name for p in r.get("data.train", []) or [])),
         ("LoRA", f"r {r.get('lora.r')}, alpha {r.get('lora.alpha')}, dropout {r.get('lora.dropout')}"),
         ("batch", f"{r.get('train.batch_size')} × {r.get('train.grad_accum')}"),
         ("learning rate", r.get("train.learning_rate")),

@@ -35,11 +35,11 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
     """Check cfg's training (and eval) data with cfg's tokenizer, template and max_length; print and save the findings."""
     console = Console(highlight=False)
     d = cfg.data
-    check_layout(d.train, cfg.train.method)  # preference data for sft, or sft data for dpo: the layout expected
+    check_layout(d.train_paths, cfg.train.method)  # preference data for sft, or sft data for dpo: the layout expected
     files, conversations = scan_files(cfg)
     view.show_files(console, files)
     if not conversations:
-        raise DataError("no usable records in the training data", where=", ".join(d.train),
+        raise DataError("no usable records in the training data", where=", ".join(d.train_paths),
                         fix="fix the rows listed above, or check data.format and the column names "
                             "(`chattune data convert --map` renames them)")
     renderer = load_renderer(cfg)
