@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from chattune.config import TrainConfig
 from chattune.data.render import Sample
-from chattune.errors import ConfigError
+from chattune.errors import MissingDependencyError, extra_pip
 from chattune.infer.score import sequence_logps
 
 
@@ -65,14 +65,15 @@ def pair_collate(collate: Callable[[list[dict]], dict[str, Any]]) -> Callable[[l
 
 
 def _trl() -> tuple[Any, Any]:
-    """TRL's CPOTrainer and ORPOTrainer classes (their loss methods); a ConfigError when TRL is not installed."""
+    """TRL's CPOTrainer and ORPOTrainer classes (their loss methods); MissingDependencyError when TRL is not installed."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the API is pinned (pyproject [prefs]); tests check the math
     try:
         from trl.experimental.cpo import CPOTrainer
         from trl.experimental.orpo import ORPOTrainer
     except ImportError:
-        raise ConfigError("train.method dpo, orpo and simpo use TRL's preference losses, and TRL is not installed",
-                          where="train.method", fix="pip install -e '.[prefs]' (trl==1.16.0)") from None
+        raise MissingDependencyError("trl", pip=extra_pip("prefs"), note="trl==1.16.0",
+                                     needed_for="train.method dpo, orpo and simpo (TRL's preference losses)",
+                                     where="train.method", otherwise="set train.method=sft") from None
     return CPOTrainer, ORPOTrainer
 
 
