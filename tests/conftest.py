@@ -77,6 +77,11 @@ TINY_RUN_SYSTEM = "You are a terse test bot."
 
 def train_tiny_run(tmp: Path, model_dir: Path) -> Path:
     """4 LoRA steps of the tiny random model (fp32) on the alpaca fixture, with a system prompt and 2 probes."""
+    return train_tiny_run_with(tmp, model_dir)
+
+
+def train_tiny_run_with(tmp: Path, model_dir: Path, *overrides: str) -> Path:
+    """train_tiny_run with extra key=value overrides (e.g. lora.variant=dora)."""
     from chattune import cli
 
     fixture = Path(__file__).parent / "fixtures" / "data" / "alpaca.json"
@@ -85,7 +90,7 @@ def train_tiny_run(tmp: Path, model_dir: Path) -> Path:
                    f"  system: {TINY_RUN_SYSTEM}\n")
     assert cli.main(["train", str(cfg), f"output_dir={tmp / 'run'}", "train.max_steps=4", "train.batch_size=2",
                      "train.grad_accum=1", "train.learning_rate=5e-3", "tracking.probe_size=2",
-                     "tracking.probe_max_new_tokens=4", "tracking.backends=[none]"]) == 0
+                     "tracking.probe_max_new_tokens=4", "tracking.backends=[none]", *overrides]) == 0
     return tmp / "run"
 
 

@@ -55,6 +55,7 @@ DEFERRED = {
     "fastapi": "optional extra [serve]",
     "uvicorn": "optional extra [serve]",
     "gradio": "optional extra [ui]",
+    "trl": "optional extra [prefs] (train.method dpo/orpo/simpo); imports transformers and torch",
 }
 
 

@@ -47,7 +47,8 @@ def _import_gguf(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from chattune.verbs import eval as eval_verb
 
-    eval_verb.run(args.run_dir, data=args.data, mcq=args.mcq, metrics=args.metrics, compare_base=args.compare_base,
+    eval_verb.run(args.run_dir, data=args.data, mcq=args.mcq, preference=args.preference, loss=args.loss,
+                  metrics=args.metrics, compare_base=args.compare_base,
                   limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, shots=args.shots,
                   name=args.name)
 
@@ -151,7 +152,7 @@ def _add_run_users(sub: argparse._SubParsersAction) -> None:
     options.add_arguments(c, options.ChatOptions)
     c.set_defaults(func=_chat)
 
-    e = sub.add_parser("eval", help="score a run: generation metrics and/or multiple-choice accuracy")
+    e = sub.add_parser("eval", help="score a run: generation metrics, multiple-choice accuracy, preference pairs, loss on any data")
     e.add_argument("run_dir", help=RUN_DIR_HELP)
     options.add_arguments(e, options.EvalOptions)
     e.set_defaults(func=_eval)

@@ -45,6 +45,8 @@ class EvalOptions(_Options):
 
     data: str | None = Field(None, description="rows to answer and score against their reference answers")
     mcq: str | None = Field(None, description="multiple-choice file (question, options A-D or a list, answer letter)")
+    preference: str | None = Field(None, description="held-out preference pairs: how often chosen beats rejected by mean log-probability per token (95% interval), and the mean margin")
+    loss: bool = Field(False, description="with --data: per-token loss and perplexity of the reference answers instead of generating (the forgetting check with --compare-base)")
     metrics: str = Field("bleu,rouge,exact", description="comma list of: bleu, rouge, exact")
     compare_base: bool = Field(False, description="score the base model on the same rows too")
     limit: int | None = Field(None, description="use only the first N rows")

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from chattune.config import RunConfig
 from chattune.data.formats import Conversation, detect_format, to_conversation
+from chattune.data.preference import to_pair
 from chattune.data.render import IGNORE, ChatRenderer, RenderStats, Sample, render_all
 from chattune.data.stream import BadRecord, iter_records
 from chattune.errors import DataError
@@ -76,8 +77,9 @@ class Rendered:
 def render_both(renderer: ChatRenderer, conversations: Sequence[Conversation], cfg: RunConfig) -> Rendered:
     """Render without a length limit and with data.max_length / data.overlength, as training would."""
     d = cfg.data
-    full, _ = render_all(renderer, conversations, max_length=1 << 62, train_on=d.train_on)
-    _, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
+    train_on = d.train_on if cfg.train.method == "sft" else "last_assistant"  # preference: each side's answer only
+    full, _ = render_all(renderer, conversations, max_length=1 << 62, train_on=train_on)
+    _, stats = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=train_on)
     return Rendered(full, stats, sample_lengths(full))
 
 
@@ -86,6 +88,8 @@ def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequenc
     """Every number of the check in one CheckReport (the png is added once it is drawn)."""
     d = cfg.data
     duplicates, conflicts = find_duplicates(conversations)
+    if cfg.train.method != "sft":
+        conflicts = []  # every pair answers one prompt twice, on purpose
     lost_samples, lost_tokens = lost_response(rendered.full, d.max_length) if d.overlength == "truncate" else (0, 0)
     return CheckReport(files=files, conversations=len(conversations), duplicates=duplicates, conflicts=conflicts,
                        max_length=d.max_length, overlength=d.overlength, render=asdict(rendered.stats),
@@ -104,7 +108,7 @@ def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
     d = cfg.data
     files: list[FileReport] = []
     conversations: list[Conversation] = []
-    for role, paths in (("train", d.train), ("eval", d.eval)):
+    for role, paths in (("train", d.train_paths), ("eval", d.eval)):
         for path in paths:
             rep = FileReport(path=str(path), role=role)
             files.append(rep)
@@ -118,14 +122,19 @@ def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
                         rep.invalid.append((rec.where, rec.reason))
                         continue
                     try:
-                        fmt = fmt or detect_format(rec.data, rec.where)
-                        conv = to_conversation(rec.data, rec.where, fmt, system=d.system, instruction_as=d.instruction_as)
+                        if cfg.train.method != "sft":  # a preference pair: both sides, chosen first
+                            pair = to_pair(rec.data, rec.where, system=d.system)
+                            convs = [pair.side("chosen"), pair.side("rejected")]
+                        else:
+                            fmt = fmt or detect_format(rec.data, rec.where)
+                            convs = [to_conversation(rec.data, rec.where, fmt, system=d.system,
+                                                     instruction_as=d.instruction_as)]
                     except DataError as exc:
                         rep.invalid.append((rec.where, exc.what))
                         continue
                     rep.valid += 1
                     if role == "train":
-                        conversations.append(conv)
+                        conversations += convs
             except DataError as exc:
                 rep.error = exc.render()
     return files, conversations

@@ -55,6 +55,7 @@ class LoadReport:
     kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     per_file: dict[str, int] = field(default_factory=dict)
+    mix: dict[str, dict[str, Any]] = field(default_factory=dict)  # data.train {path, fraction|samples}: rows, used
 
     def skipped_summary(self) -> str:
         """One line: how many records were skipped, grouped by reason, with the first place of each."""

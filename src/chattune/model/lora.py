@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import shutil
+import tempfile
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,9 +17,13 @@ from chattune.errors import ConfigError
 
 
 def to_lora_config(cfg: LoraConfig) -> Any:
-    """peft.LoraConfig for causal-LM training from our lora section."""
+    """peft.LoraConfig for causal-LM training from our lora section (lora.variant picks DoRA, rsLoRA or PiSSA).
+
+    LoRA+ changes only the optimizer (train/trainer.py), so its adapter is plain LoRA's.
+    """
     from peft import LoraConfig as PeftLoraConfig
 
+    pissa = "pissa" if cfg.pissa_niter == 0 else f"pissa_niter_{cfg.pissa_niter}"
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -23,6 +31,9 @@ def to_lora_config(cfg: LoraConfig) -> Any:
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
         bias="none",
+        use_dora=cfg.variant == "dora",
+        use_rslora=cfg.variant == "rslora",
+        init_lora_weights=pissa if cfg.variant == "pissa" else True,
     )
 
 
@@ -166,14 +177,20 @@ def fuse_scale_add(model: Any) -> int:
 
 
 def share_dropout_masks(model: Any) -> int:
-    """Replace peft's per-adapter dropout with SharedDropout; returns how many were replaced."""
+    """Replace peft's per-adapter dropout with SharedDropout; returns how many were replaced.
+
+    Adapters whose variant has its own forward (DoRA) keep peft's dropout: that forward is peft's to define.
+    """
     slot: dict = {}
     n = 0
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)
         if not isinstance(drops, torch.nn.ModuleDict):
             continue
+        variants = getattr(module, "lora_variant", {})
         for name, drop in list(drops.items()):
+            if name in variants and not isinstance(variants[name], FusedScaleAdd):
+                continue
             if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                 drops[name] = SharedDropout(drop.p, slot)
                 n += 1
@@ -181,7 +198,7 @@ def share_dropout_masks(model: Any) -> int:
 
 
 def apply_lora(model: Any, cfg: LoraConfig, *, gradient_checkpointing: bool) -> Any:
-    """Wrap the model with fresh LoRA adapters; the base weights are frozen."""
+    """Wrap the model with fresh LoRA adapters (of lora.variant); the base weights are frozen."""
     from peft import get_peft_model
 
     if gradient_checkpointing:
@@ -198,8 +215,65 @@ def apply_lora(model: Any, cfg: LoraConfig, *, gradient_checkpointing: bool) -> 
                 fix=f"use all-linear or names from: {', '.join(linear_module_names(model))}",
             ) from None
         raise
+    if cfg.variant == "pissa":
+        keep_pissa_init(peft_model)
+    return with_fast_paths(peft_model, shared_dropout=cfg.shared_dropout)
+
+
+def with_fast_paths(peft_model: Any, *, shared_dropout: bool) -> Any:
+    """chattune's cheaper LoRA step on a peft model; layers whose variant has its own forward (DoRA) keep peft's."""
     skip_autocast_round_trips(peft_model)
     fuse_scale_add(peft_model)
-    if cfg.shared_dropout:
+    if shared_dropout:
         share_dropout_masks(peft_model)
     return peft_model
+
+
+def load_trained_adapter(model: Any, adapter_dir: str, *, gradient_checkpointing: bool, shared_dropout: bool) -> Any:
+    """The base model with an earlier run's adapter, trainable (model.adapter: SFT -> DPO)."""
+    from peft import PeftModel
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    return with_fast_paths(peft_model, shared_dropout=shared_dropout)
+
+
+def start_adapter_dir(spec: str) -> Path:
+    """model.adapter as an adapter folder: a run directory's adapter/, or a folder holding adapter_config.json."""
+    path = Path(spec)
+    for folder in (path / "adapter", path):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise ConfigError(f"no trained adapter at {spec}", where="model.adapter",
+                      fix="name a finished run directory (e.g. runs/sft) or a folder with adapter_config.json")
+
+
+def keep_pissa_init(peft_model: Any) -> Path:
+    """Save PiSSA's initial adapter (before any step) so the final one can be written as plain LoRA.
+
+    PiSSA moves the top singular directions of W from the base into A and B, leaving W_res in the base.
+    peft turns the trained adapter into a rank-2r LoRA of the original W given this initial one
+    (save_pretrained's path_initial_model_for_weight_conversion): chat, eval and merge then load the
+    untouched base as for any run. The initial adapter is recomputed identically on resume (same seed).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="chattune-pissa-init-"))
+    atexit.register(shutil.rmtree, folder, True)
+    peft_model.save_pretrained(str(folder))
+    peft_model.chattune_pissa_init = folder
+    return folder
+
+
+def save_kwargs(peft_model: Any) -> dict[str, Any]:
+    """save_pretrained's extra keywords for the run's final adapter (PiSSA: the conversion to plain LoRA)."""
+    folder = getattr(peft_model, "chattune_pissa_init", None)
+    return {"path_initial_model_for_weight_conversion": str(folder)} if folder is not None else {}
+
+
+def loraplus_optimizer(model: Any, *, lr: float, ratio: float, weight_decay: float) -> Any:
+    """AdamW with LoRA+'s parameter groups: every B matrix at lr * ratio, A at lr (peft's create_loraplus_optimizer)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                     weight_decay=weight_decay)

@@ -117,7 +117,7 @@ def facts(r: RunData) -> str:
     """The settings that matter most, in one line."""
     items = [
         ("model", r.get("model.name_or_path")),
-        ("data", ", ".join(Path(p).name for p in r.get("data.train", []) or [])),
+        ("data", ", ".join(Path(p if isinstance(p, str) else p.get("path", "?")).name for p in r.get("data.train", []) or [])),
         ("LoRA", f"r {r.get('lora.r')}, alpha {r.get('lora.alpha')}, dropout {r.get('lora.dropout')}"),
         ("batch", f"{r.get('train.batch_size')} × {r.get('train.grad_accum')}"),
         ("learning rate", r.get("train.learning_rate")),
@@ -154,9 +154,9 @@ def charts(r: RunData, index: int) -> str:
 def eval_table(name: str, record: dict[str, Any]) -> str:
     """One eval/<name>.json: its metrics for each model that was scored."""
     metrics = record.get("metrics") or {}
-    whos = [w for w in ("base", "tuned") if isinstance(metrics.get(w), dict)]
+    whos = [w for w in ("base", "tuned", "change") if isinstance(metrics.get(w), dict)]  # change: eval --loss
     keys = list(dict.fromkeys(k for w in whos for k, v in metrics[w].items() if not isinstance(v, (dict,))))
-    head = "".join(f"<th>{w} model</th>" for w in whos)
+    head = "".join(f"<th>{'tuned − base' if w == 'change' else w + ' model'}</th>" for w in whos)
     body = []
     for k in keys:
         cells = "".join(f'<td class="num">{escape(_metric(metrics[w].get(k)))}</td>' for w in whos)

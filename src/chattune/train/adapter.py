@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.files import atomic_dir
+from chattune.model.lora import save_kwargs
 from chattune.train.processes import barrier, is_main_process
 
 
@@ -47,7 +48,7 @@ def zero3_enabled(trainer: Any) -> bool:
 def write_adapter(model: Any, dest: Path) -> None:
     """save_pretrained into a temporary folder beside dest, then swap it in (a crash never leaves half an adapter)."""
     with atomic_dir(dest) as tmp:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **save_kwargs(model))  # PiSSA: written as plain LoRA of the original base
 
 
 class _WithStateDict:

@@ -78,6 +78,7 @@ class ProgressAndMetrics(TrainerCallback):
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_s": round(tps, 1),
             **gpu_stats(tps / process_count(), self.flops_per_token),
+            **{k: v for k, v in logs.items() if "/" in k},  # preference tuning: rewards/chosen, rewards/accuracies, ...
         }
         if state.is_world_process_zero:
             append_jsonl(self.metrics_path, row)

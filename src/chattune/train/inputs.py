@@ -10,10 +10,13 @@ from typing import Any
 from chattune.config import RunConfig
 from chattune.data.cache import render_cached
 from chattune.data.formats import Conversation, LoadReport, load_conversations
+from chattune.data.mix import mix
+from chattune.data.preference import check_layout, load_pairs, pair_conversations, render_pairs
 from chattune.data.render import ChatRenderer, RenderStats, Sample, render_all
 from chattune.data.split import split_eval
 from chattune.errors import ConfigError
 from chattune.model.sources import cache_root
+from chattune.train.preference import require_trl
 from chattune.train.processes import main_process_first
 
 log = logging.getLogger("chattune")
@@ -34,6 +37,10 @@ class TrainingData:
 
 def prepare_data(cfg: RunConfig, renderer: ChatRenderer) -> TrainingData:
     """Load, split and render the data the way cfg.data and cfg.tracking say."""
+    check_layout(cfg.data.train_paths, cfg.train.method)  # preference data for sft, or sft data for dpo: say so now
+    if cfg.train.method != "sft":
+        require_trl()
+        return prepare_pairs(cfg, renderer)
     conversations, load_report = load_training_data(cfg)
     conversations, eval_conversations = split_eval_data(cfg, conversations)
     probes, conversations = split_probes(cfg, conversations, eval_conversations)
@@ -43,11 +50,49 @@ def prepare_data(cfg: RunConfig, renderer: ChatRenderer) -> TrainingData:
     return TrainingData(conversations, samples, stats, load_report, probes, eval_samples, eval_info)
 
 
+def prepare_pairs(cfg: RunConfig, renderer: ChatRenderer) -> TrainingData:
+    """Preference data: pairs loaded, the first tracking.probe_size held out as probes, both sides rendered.
+
+    samples (and conversations) alternate chosen, rejected; probes are prompts whose reference is the chosen answer.
+    """
+    d, t = cfg.data, cfg.tracking
+    pairs, load_report = load_pairs(d.train_paths, system=d.system, on_bad_record=d.on_bad_record, limit=d.limit)
+    if d.mixed:
+        pairs, load_report.mix = mix(d.train, lambda p: load_pairs([p], system=d.system, on_bad_record=d.on_bad_record),
+                                     seed=cfg.train.seed)
+        load_report.kept, load_report.per_file = len(pairs), {p: i["used"] for p, i in load_report.mix.items()}
+    probes = [p.side("chosen") for p in pairs[: t.probe_size]]
+    if t.probe_size and not t.probe_file and t.probe_holdout:
+        pairs = pairs[t.probe_size:]
+        if not pairs:
+            raise ConfigError(f"holding out {t.probe_size} probe pairs leaves no training data",
+                              where="tracking.probe_size", fix="lower tracking.probe_size or add data")
+    if t.probe_file:
+        probes, _ = load_conversations([t.probe_file], fmt=d.format, system=d.system, instruction_as=d.instruction_as)
+        probes = probes[: t.probe_size]
+    samples, stats = render_pairs(renderer, pairs, max_length=d.max_length, overlength=d.overlength)
+    log.info("data: %d preference pairs -> %d rendered pairs", len(pairs), len(samples) // 2)
+    return TrainingData(pair_conversations(pairs), samples, stats, load_report, probes, [], None)
+
+
 def load_training_data(cfg: RunConfig) -> tuple[list[Conversation], LoadReport]:
     """Training files -> conversations, with the config's format rules."""
     d = cfg.data
-    return load_conversations(d.train, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
-                              on_bad_record=d.on_bad_record, limit=d.limit)
+
+    def load(paths: list[str], limit: int | None = None) -> tuple[list[Conversation], LoadReport]:
+        return load_conversations(paths, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
+                                  on_bad_record=d.on_bad_record, limit=limit)
+
+    if not d.mixed:
+        return load(d.train_paths, d.limit)
+    conversations, per_source = mix(d.train, lambda p: load([p]), seed=cfg.train.seed)
+    conversations = conversations[: d.limit] if d.limit else conversations
+    for path, info in per_source.items():
+        log.info("data mix: %s gave %d of its %d rows%s", path, info["used"], info["rows"],
+                 "".join(f" ({k} {v})" for k, v in info.items() if k in ("fraction", "samples")))
+    report = LoadReport(kept=len(conversations), per_file={p: i["used"] for p, i in per_source.items()})
+    report.mix = per_source
+    return conversations, report
 
 
 def split_probes(cfg: RunConfig, conversations: list[Conversation],

@@ -50,6 +50,7 @@ def report_data(run_dir: RunDir, cfg: RunConfig, data: TrainingData) -> None:
     if is_main_process():
         write_json(run_dir.data_report, {
             "files": load_report.per_file,
+            **({"mix": load_report.mix} if load_report.mix else {}),  # rows per source: in the file, used
             "skipped": [{"where": w, "reason": r} for w, r in load_report.skipped],
             "render": {k: v for k, v in vars(stats).items()},
             **({"eval": data.eval_info} if data.eval_info else {}),

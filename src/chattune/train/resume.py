@@ -62,7 +62,11 @@ def fingerprints(cfg: Any, renderer: Any, conversations: Sequence[Any], model_di
         "tokenizer": f"sha256 {_sha(vocab)}",
         "template": f"sha256 {_sha(tok.chat_template, renderer.template_kwargs)}",
         "max_length": f"max_length={d.max_length} overlength={d.overlength} train_on={d.train_on}",
-        "lora": f"r={lora.r} alpha={lora.alpha:g} target_modules={targets}",
+        # variant and method only when not the defaults, so checkpoints written before they existed still match
+        "lora": f"r={lora.r} alpha={lora.alpha:g} target_modules={targets}"
+                + (f" variant={lora.variant}" if lora.variant != "lora" else "")
+                + (f" method={cfg.train.method}" if cfg.train.method != "sft" else "")
+                + (f" adapter={cfg.model.adapter}" if cfg.model.adapter else ""),
         "base_model": f"config sha256 {_sha(config_json.read_bytes() if config_json.is_file() else str(model_dir))}",
     }
 

@@ -13,6 +13,7 @@ from chattune.config import RunConfig
 from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.render import ChatRenderer
 from chattune.model.load import cuda_has_native_bf16
+from chattune.model.lora import loraplus_optimizer
 from chattune.model.packed_attention import use_packed_attention
 from chattune.rundir import RunDir
 from chattune.track import make_trackers
@@ -23,6 +24,7 @@ from chattune.train.checkpoints import PublishCheckpoints, checkpoint_step, stag
 from chattune.train.engines import DistributedReport, shards_weights, training_args_kwargs
 from chattune.train.inputs import TrainingData
 from chattune.train.loss import keep_logits_dtype, supervised_loss
+from chattune.train.preference import PairDataset, PreferenceObjective, pair_collate, reference_logps
 from chattune.train.throughput import lora_flops_per_token
 
 
@@ -34,10 +36,27 @@ class ChattuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, token_counter: TokenCounter | None = None,
-                 fingerprints: dict[str, str] | None = None, **kwargs: Any):
+                 fingerprints: dict[str, str] | None = None, loraplus_lr_ratio: float | None = None,
+                 preference: PreferenceObjective | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.token_counter = token_counter
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.preference = preference  # train.method dpo/orpo/simpo: a per-pair mean, which the Trainer scales for accumulation
+        if preference is not None:
+            self.loss_is_scaled_for_ga = False
         self.add_callback(PublishCheckpoints(fingerprints or {}))
+
+    def create_optimizer(self, model=None):
+        # LoRA+ (lora.variant=loraplus): B's learning rate is lora.loraplus_lr_ratio times A's.
+        if self.loraplus_lr_ratio is not None and self.optimizer is None:
+            self.optimizer = loraplus_optimizer(self.model if model is None else model, lr=self.args.learning_rate,
+                                                ratio=self.loraplus_lr_ratio, weight_decay=self.args.weight_decay)
+        return super().create_optimizer(model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.preference is not None and "loss" in logs:
+            logs.update(self.preference.pop_metrics())  # rewards/chosen, rewards/accuracies, ... since the last line
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Normalising by num_items_in_batch matches the Trainer's own rule: such a loss is
@@ -47,6 +66,9 @@ class ChattuneTrainer(Trainer):
         if self.token_counter is not None and model.training:
             self.token_counter.add(inputs)
         keep_logits_dtype(self.model)  # no float32 copy of all kept logits (mixed precision); cheap when done
+        if self.preference is not None:
+            loss = self.preference.loss(model, inputs)
+            return (loss, None) if return_outputs else loss
         loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
@@ -113,15 +135,23 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
     if cfg.train.padding_free:
         use_packed_attention(model)  # per-sample causal SDPA instead of one masked attention over the row
     counter = TokenCounter()
+    collate = make_collate(cfg.train.padding_free, tokenizer.pad_token_id)
+    pairs = cfg.train.method != "sft"
     trainer = ChattuneTrainer(
         model=model,
         args=args if args is not None else to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples)),
-        train_dataset=SampleDataset(data.samples),
+        train_dataset=PairDataset(data.samples) if pairs else SampleDataset(data.samples),
         eval_dataset=SampleDataset(data.eval_samples) if data.eval_samples else None,
-        data_collator=make_collate(cfg.train.padding_free, tokenizer.pad_token_id),  # eval uses the same collator
+        data_collator=pair_collate(collate) if pairs else collate,  # eval uses the same collator
         token_counter=counter,
         fingerprints=fingerprints,
+        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio if cfg.lora.variant == "loraplus" else None,
+        preference=PreferenceObjective(cfg.train, None) if pairs else None,
     )
+    if cfg.train.method == "dpo" and cfg.model.adapter:  # reference = the adapter as loaded, before any step
+        with trainer.autocast_smart_context_manager():
+            trainer.preference.reference = reference_logps(
+                model, trainer.train_dataset, trainer.data_collator, batch_size=cfg.train.batch_size, adapter_off=False)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(DistributedReport())  # processes and global batch, logged before the progress bar

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from chattune.config import RunConfig
 from chattune.data.check import CheckReport, build_report, default_out, fate, render_both, scan_files
+from chattune.data.preference import check_layout
 from chattune.data.render import ChatRenderer
 from chattune.errors import DataError
 from chattune.files import write_json
@@ -40,10 +41,11 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
     """
     console = Console(highlight=False)
     d = cfg.data
+    check_layout(d.train_paths, cfg.train.method)  # preference data for sft, or sft data for dpo: the layout expected
     files, conversations = scan_files(cfg)
     view.show_files(console, files)
     if not conversations:
-        raise DataError("no usable records in the training data", where=", ".join(d.train),
+        raise DataError("no usable records in the training data", where=", ".join(d.train_paths),
                         fix="fix the rows listed above, or check data.format and the column names "
                             "(`chattune data convert --map` renames them)")
     out_dir = Path(out) if out else default_out(cfg)
@@ -70,6 +72,8 @@ def check_with_model(console: Console, cfg: RunConfig, files: list, conversation
     view.show_histogram(console, report.fates, d.max_length, model=cfg.model.name_or_path if named else "")
     report.png = _try_png(rendered.lengths.total, d.max_length, out_dir / "token_lengths.png", len(rendered.full))
     if preview:
+        if cfg.train.method != "sft":  # the first pairs, chosen then rejected: both sides' supervised tokens
+            preview *= 2
         view.show_previews(console, renderer, rendered.full[:preview], d.max_length)
     write_json(out_dir / "check.json", asdict(report))
     console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)

@@ -13,7 +13,7 @@ from transformers import set_seed
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
 from chattune.model.load import count_parameters, keep_fp16_training_stable, load_model, load_tokenizer, resolve_dtype
-from chattune.model.lora import apply_lora
+from chattune.model.lora import apply_lora, load_trained_adapter, start_adapter_dir
 from chattune.model.packed_attention import check_padding_free
 from chattune.model.placement import training_device_map
 from chattune.model.quant import is_quantized, prepare_for_kbit_training
@@ -45,6 +45,8 @@ def main(cfg: RunConfig, args: argparse.Namespace) -> int | None:
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume_force: bool = False) -> RunDir:
     """Fine-tune cfg.model on cfg.data with LoRA and write a complete run directory (resuming an unfinished one)."""
     launcher.setup(cfg)  # several processes: checks, process group, one log
+    if cfg.model.adapter:
+        start_adapter_dir(cfg.model.adapter)  # a wrong path is reported before anything is written or loaded
     with output_lock(cfg):  # a second `chattune train` into the same output_dir is refused
         run_dir = open_run_dir(cfg, overwrite=overwrite, resume=resume)
         # A run that fails before writing anything leaves no empty folder; a full disk is told as one paragraph.
@@ -110,7 +112,11 @@ def load_lora_model(cfg: RunConfig, model_dir: Path, dtype: Any) -> Any:
     model = prepare_for_kbit_training(model, dtype)  # QLoRA: a no-op unless model.quantization is 8bit/4bit
     if not is_quantized(model):
         keep_fp16_training_stable(model, dtype)  # fp16 (V100/T4): an fp32 residual stream under autocast
-    return apply_lora(model, cfg.lora, gradient_checkpointing=use_gradient_checkpointing(cfg, model))
+    checkpointing = use_gradient_checkpointing(cfg, model)
+    if cfg.model.adapter:  # continue an earlier run's adapter (SFT -> DPO); its own adapter_config rules
+        return load_trained_adapter(model, str(start_adapter_dir(cfg.model.adapter)),
+                                    gradient_checkpointing=checkpointing, shared_dropout=cfg.lora.shared_dropout)
+    return apply_lora(model, cfg.lora, gradient_checkpointing=checkpointing)
 
 
 def use_gradient_checkpointing(cfg: RunConfig, model: Any) -> bool:

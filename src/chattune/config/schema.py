@@ -1,21 +1,10 @@
-"""The one typed config tree: YAML + key=value overrides -> RunConfig.
-
-Defaults live in the schema; every field has one line of help (`chattune keys`
-lists every key with its default and help). Validation happens once, here, and
-reports every problem at once with its key path and a suggestion.
-"""
+"""The config schema: every section and key, its type, default and one line of help (`chattune keys` lists them)."""
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from chattune.errors import ConfigError
-from chattune.files import write_text
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -42,10 +31,33 @@ class ModelConfig(_Section):
     bnb_4bit_double_quant: bool = Field(True, description="also quantise the 4-bit quantisation constants")
     bnb_4bit_compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of 4-bit matmuls; auto = model.dtype")
     device_map: str | None = Field(None, description="inference only: spread a model too large for one device (e.g. auto); training uses one device per process")
+    adapter: str | None = Field(
+        None, description="start training from this run's trained adapter (a run directory such as runs/sft, or an adapter folder) instead of fresh LoRA weights"
+    )
+
+
+class TrainSource(_Section):
+    path: str = Field(description="training data file")
+    fraction: float | None = Field(None, gt=0, le=1, description="use this fraction of the file's rows, drawn with train.seed")
+    samples: int | None = Field(None, ge=1, description="use this many of the file's rows, drawn with train.seed (more than the file has: it is repeated)")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "TrainSource":
+        if self.fraction is not None and self.samples is not None:
+            raise ValueError("give fraction or samples for a data.train entry, not both")
+        return self
+
+
+# A plain path or a {path, fraction|samples} mapping, told apart by type, so an error names only the mapping's key.
+TrainEntry = Annotated[Union[Annotated[str, Tag("file")], Annotated[TrainSource, Tag("part")]],
+                       Discriminator(lambda v: "file" if isinstance(v, str) else "part")]
 
 
 class DataConfig(_Section):
-    train: list[str] = Field(default_factory=list, description="training data file(s): .json, .jsonl, .csv, .parquet")
+    train: list[TrainEntry] = Field(
+        default_factory=list,
+        description="training data file(s): .json, .jsonl, .csv, .parquet; an entry may be {path, fraction} or {path, samples} to mix in part of a file",
+    )
     eval: list[str] = Field(default_factory=list, description="evaluation data file(s); or split one off with eval_ratio / eval_size")
     eval_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of the training rows held out for evaluation (fixed seed)")
     eval_size: int = Field(0, ge=0, description="number of training rows held out for evaluation (fixed seed)")
@@ -72,6 +84,16 @@ class DataConfig(_Section):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @property
+    def train_paths(self) -> list[str]:
+        """The training files, whether named plainly or as {path, fraction|samples}."""
+        return [t if isinstance(t, str) else t.path for t in self.train]
+
+    @property
+    def mixed(self) -> bool:
+        """True when some training file is used in part (a fraction or a sample count)."""
+        return any(not isinstance(t, str) and (t.fraction is not None or t.samples is not None) for t in self.train)
+
     @model_validator(mode="after")
     def _one_eval_source(self) -> "DataConfig":
         # Two ways of choosing eval rows at once would leave it unclear which rows were held out.
@@ -92,6 +114,11 @@ class LoraConfig(_Section):
     shared_dropout: bool = Field(
         True, description="adapters reading the same input (q/k/v, gate/up) share one dropout mask, as a fused projection does"
     )
+    variant: Literal["lora", "dora", "rslora", "pissa", "loraplus"] = Field(
+        "lora", description="lora; dora (magnitude + direction); rslora (scale alpha/sqrt(r)); pissa (init from the top singular vectors); loraplus (B learns faster than A)"
+    )
+    loraplus_lr_ratio: float = Field(16.0, ge=1, description="lora.variant=loraplus: learning rate of B / learning rate of A")
+    pissa_niter: int = Field(16, ge=0, description="lora.variant=pissa: subspace iterations of the fast SVD (0 = exact SVD, slow on large layers)")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -131,6 +158,19 @@ class TrainConfig(_Section):
     )
     cpu_offload: bool = Field(False, description="deepspeed_zero2/3, fsdp: keep optimizer state (zero3/fsdp: also weights) in CPU memory")
     deepspeed_config: str | None = Field(None, description="your own DeepSpeed JSON (e.g. a copy of configs/distributed/deepspeed_zero3.json) instead of the built-in one")
+    method: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        "sft", description="sft (answers); dpo, orpo, simpo (preference pairs: prompt, chosen, rejected; see docs/training-methods.md)"
+    )
+    beta: float | None = Field(
+        None, gt=0, description="dpo: KL strength (default 0.1); orpo: weight of the odds-ratio term (default 0.1); simpo: reward scale (default 2.0)"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo, simpo: assumed fraction of flipped preference labels (conservative DPO)")
+
+    @property
+    def preference_beta(self) -> float:
+        """train.beta, or the method's usual default when unset."""
+        return self.beta if self.beta is not None else {"simpo": 2.0}.get(self.method, 0.1)
 
     @model_validator(mode="after")
     def _distributed_options(self) -> "TrainConfig":
@@ -191,185 +231,24 @@ class RunConfig(_Section):
     def _needs_data(self) -> "RunConfig":
         if not self.data.train:
             raise ValueError("data.train is empty: name at least one training file")
+        # QLoRA stores Quant(W - AB): the PiSSA adapter cannot be turned back into a plain LoRA of the original base.
+        if self.lora.variant == "pissa" and self.model.quantization != "none":
+            raise ValueError("lora.variant=pissa changes the base weights, which a quantised base (model.quantization) "
+                             "cannot give back exactly; use lora.variant=lora or dora with QLoRA, or model.quantization=none")
+        if self.train.label_smoothing and self.train.method not in ("dpo", "simpo"):
+            raise ValueError("train.label_smoothing applies to train.method=dpo or simpo only")
+        if self.train.method != "sft":
+            self._check_preference()
         return self
 
-
-# ---------------------------------------------------------------------------
-# loading
-
-
-def load(path: str | Path | None, overrides: list[str] = (), *, base_dir: Path | None = None) -> RunConfig:
-    """Read a YAML file (or nothing), apply key=value overrides, validate everything at once."""
-    raw = read_raw(path, overrides)
-    cfg = validate(raw, where=str(path) if path else "config", overrides=override_keys(overrides))
-    return _resolve_paths(cfg, base_dir if base_dir is not None else Path.cwd())
-
-
-def read_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """The YAML file's mapping (or {}) with the key=value overrides applied, not validated yet."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("config file not found", where=str(path), fix="check the path, e.g. configs/demo.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise yaml_error(path, exc) from None
-        if not isinstance(raw, dict):
-            raise ConfigError("the top level must be a mapping of sections (model:, data:, ...)", where=str(path))
-    for item in overrides:
-        _apply_override(raw, item)
-    return raw
-
-
-def yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
-    """Where a YAML file stops parsing; for a bracket or quote never closed, the line where it was opened."""
-    mark = getattr(exc, "problem_mark", None)
-    opened = getattr(exc, "context_mark", None)
-    context = str(getattr(exc, "context", "") or "")
-    if opened is not None and mark is not None and opened.line != mark.line and \
-            ("flow" in context or "quoted" in context):
-        what = "a [ list" if "sequence" in context else "a { mapping" if "mapping" in context else "a quoted text"
-        return ConfigError(f"not valid YAML: {what} opened on this line is never closed (the parser gave up at "
-                           f"line {mark.line + 1}: {getattr(exc, 'problem', exc)})", where=f"{path}:{opened.line + 1}",
-                           fix="close it on the same line, e.g. [q_proj, v_proj]")
-    loc = f"{path}:{mark.line + 1}" if mark else str(path)
-    return ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=loc,
-                       fix="fix the YAML syntax at or just before that line (often the indentation: the keys of one "
-                       "section must line up)")
-
-
-def override_keys(overrides: Sequence[str]) -> dict[str, str]:
-    """key -> the key=value override that set it (errors about those keys name the override, not the file)."""
-    return {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
-
-
-def _origin(key: str, overrides: dict[str, str]) -> str | None:
-    """The override that set `key` or a section above it."""
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):
-        if ".".join(parts[:n]) in overrides:
-            return overrides[".".join(parts[:n])]
-    return None
-
-
-def validate(raw: dict[str, Any], *, where: str = "config", overrides: dict[str, str] | None = None) -> RunConfig:
-    """Build a RunConfig, turning every pydantic error into one ConfigError listing all of them.
-
-    overrides (override_keys()): a problem with a key set on the command line names that override, and
-    `where` says "command line" when every problem comes from there.
-    """
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        overrides = overrides or {}
-        found = problems(exc, raw)
-        origins = [_origin(key, overrides) for key, _ in found]
-        texts = [text + (f" [from the command line: {o}]" if o else "") for (_, text), o in zip(found, origins)]
-        if origins and all(origins):
-            where = "command line"
-        elif any(origins):
-            where = f"{where} and the command line"
-        raise ConfigError(
-            f"{len(texts)} problem(s):\n  " + "\n  ".join(texts),
-            where=where,
-            fix="see `chattune keys` for every key with its help",
-        ) from None
-
-
-def problems(exc: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key path, the CLI's message) for each problem of a failed validation; the key is '' for the whole config.
-
-    `validate` joins the messages into one ConfigError; `chattune ui` shows each next to its field.
-    """
-    return [(".".join(str(p) for p in err["loc"]), _describe(err, raw)) for err in exc.errors()]
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value", fix="write e.g. train.epochs=2 or lora.r=64")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section", fix="check the key path")
-    # YAML parsing gives numbers, booleans, lists ([a, b]) and null for free.
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        node[parts[-1]] = value
-
-
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        section_model = _model_at(loc[:-1])
-        names = list(section_model.model_fields) if section_model else []
-        close = difflib.get_close_matches(loc[-1], names, n=1)
-        hint = f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else f"; known keys here: {', '.join(names)}"
-        return f"{key}: unknown key{hint}"
-    got = _value_at(raw, err["loc"])
-    # A whole section (a cross-key rule) as "got" would bury the message; the message names the keys.
-    shown = f" (got {got!r})" if got is not _MISSING and not isinstance(got, dict) else ""
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{msg}{shown}" if not loc else f"{key}: {msg}{shown}"
-
-
-_MISSING = object()
-
-
-def _value_at(raw: Any, loc: tuple) -> Any:
-    for p in loc:
-        if isinstance(raw, dict) and p in raw:
-            raw = raw[p]
-        elif isinstance(raw, list) and isinstance(p, int) and p < len(raw):
-            raw = raw[p]
-        else:
-            return _MISSING
-    return raw
-
-
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Relative data paths are taken from where the command runs; keep them as given if they exist."""
-    def fix(p: str | None) -> str | None:
-        if p is None or Path(p).is_absolute():
-            return p
-        return str((base / p)) if (base / p).exists() else p
-
-    cfg.data.train = [fix(p) for p in cfg.data.train]
-    cfg.data.eval = [fix(p) for p in cfg.data.eval]
-    cfg.tracking.probe_file = fix(cfg.tracking.probe_file)
-    if cfg.train.deepspeed_config:
-        cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
-    return cfg
-
-
-def dump(cfg: RunConfig, path: Path) -> None:
-    """Write the resolved config as YAML (the run directory's run_config.yaml)."""
-    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
-
-
-def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = ""):
-    """Yield (key path, default, help) for every leaf key: the CLI's `chattune keys` listing."""
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from iter_keys(ann, f"{prefix}{name}.")
-        else:
-            default = field.get_default(call_default_factory=True)
-            yield f"{prefix}{name}", default, field.description or ""
+    def _check_preference(self) -> None:
+        m = self.train.method
+        if self.data.eval or self.data.eval_ratio or self.data.eval_size:
+            raise ValueError(f"train.method={m}: held-out pairs are scored by `chattune eval RUN --preference FILE`; "
+                             "drop data.eval / data.eval_ratio / data.eval_size and keep those pairs in a file of their own")
+        if self.train.sampling == "group_by_length":
+            raise ValueError(f"train.method={m} batches pairs: use train.sampling=random")
+        # DPO's reference is the model with its adapter off, which PiSSA has changed (its residual base).
+        if m == "dpo" and self.lora.variant == "pissa" and not self.model.adapter:
+            raise ValueError("train.method=dpo with lora.variant=pissa: the adapter-off reference would be PiSSA's "
+                             "residual weights, not the base; use another lora.variant")
