@@ -54,6 +54,7 @@ DEFERRED = {
     "fastapi": "optional extra [serve]",
     "uvicorn": "optional extra [serve]",
     "gradio": "optional extra [ui]",
+    "llama_cpp": "optional extra [gguf] (llama-cpp-python, built from source): `chattune export` only",
 }
 
 
