@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: on a CPU machine this is the local CPU wheel, and the
 	# pin keeps the next step from replacing it with a CUDA build.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	# [gguf] builds llama-cpp-python (llama.cpp) from source the first time: about 25 minutes on 2 busy cores;
+	# [gguf] builds llama-cpp-python (llama.cpp) from source the first time: 39 min measured on 2 busy cores (about 8 idle);
 	# pip caches the built wheel, so later setups on this machine take seconds.
 	$(VENV)/bin/pip install --quiet -e ".[dev,qlora,swanlab,tensorboard,eval,report,deepspeed,modelscope,gguf]"
 	# llama.cpp's converter is not in that wheel: copy it out of the same version's source archive (pip's cache

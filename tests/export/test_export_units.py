@@ -229,3 +229,10 @@ def test_existing_export_needs_overwrite(tmp_path, capsys, monkeypatch):
         export.export_folder(export.RunDir(run), None, "f16", overwrite=False)
     assert export.export_folder(export.RunDir(run), None, "f16", overwrite=True) == (run / "export" / "f16").resolve()
     assert json.loads(json.dumps(export.slug("My Run_1!"))) == "my-run_1"
+
+
+def test_a_bos_that_is_also_the_turn_opener_is_kept():
+    # SmolLM2's tokenizer names <|im_start|> as its bos: the ChatML text must not lose it.
+    render = jinja_renderer((TEMPLATES / "chatml.jinja").read_text())
+    assert match_layout(render, SYSTEM, "<|im_start|>")[0].name == "ChatML"
+    assert match_layout(render, None, "<|im_start|>") == (LAYOUTS[0], "You are a helpful assistant.")
