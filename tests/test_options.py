@@ -56,7 +56,7 @@ def test_the_parsed_defaults_are_the_models_defaults(verb):
 def test_every_option_has_help_and_a_verb_section_in_keys():
     keys = list(options.iter_keys())
     assert all(help_ for _, _, help_ in keys), [k for k, _, h in keys if not h]
-    assert {k.split(".")[0] for k, _, _ in keys} == {"chat", "eval", "predict", "merge", "serve", "ui"}
+    assert {k.split(".")[0] for k, _, _ in keys} == {"chat", "eval", "predict", "merge", "export", "serve", "ui"}
     assert ("serve.max_tokens_limit", 2048, "largest max_tokens a request may ask for") in keys
 
 
@@ -82,13 +82,13 @@ def _expect_same_defaults(fn, model_defaults, names) -> None:
 def test_the_verbs_run_defaults_come_from_the_options():
     from chattune.infer.stream import stream_answer
     from chattune.serve import api
-    from chattune.verbs import chat, eval, merge, predict, serve
+    from chattune.verbs import chat, eval, export, merge, predict, serve
 
     gen = list(options.GenerationOptions.model_fields)
     _expect_same_defaults(stream_answer, options.GENERATION, gen)  # chat.run hands its **gen to stream_answer
     _expect_same_defaults(chat.run, options.CHAT, [n for n in options.ChatOptions.model_fields if n not in gen])
     for module, defaults in ((eval, options.EVAL), (predict, options.PREDICT), (merge, options.MERGE),
-                             (serve, options.SERVE)):
+                             (export, options.EXPORT), (serve, options.SERVE)):
         _expect_same_defaults(module.run, defaults, type(defaults).model_fields)
     _expect_same_defaults(serve.make_server, options.SERVE, options.ServeOptions.model_fields)
     assert api.DEFAULT_MAX_TOKENS == options.GENERATION.max_new_tokens

@@ -67,6 +67,12 @@ def _merge(args: argparse.Namespace) -> None:
     merge.run(args.run_dir, out=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from chattune.verbs import export
+
+    export.run(args.run_dir, **{k: getattr(args, k) for k in options.ExportOptions.model_fields})
+
+
 def _serve(args: argparse.Namespace) -> None:
     from chattune.verbs import serve
 
@@ -146,7 +152,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_run_users(sub: argparse._SubParsersAction) -> None:
-    """chat, eval, predict, merge, serve: their options come from chattune.options, typed once there."""
+    """chat, eval, predict, merge, export, serve: their options come from chattune.options, typed once there."""
     c = sub.add_parser("chat", help="chat with a trained run (streaming, multi-turn)")
     c.add_argument("run_dir", help=RUN_DIR_HELP)
     options.add_arguments(c, options.ChatOptions)
@@ -169,6 +175,11 @@ def _add_run_users(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, help="folder for the merged model")
     options.add_arguments(m, options.MergeOptions)
     m.set_defaults(func=_merge)
+
+    x = sub.add_parser("export", help="GGUF for llama.cpp / LM Studio, or GGUF + Modelfile for Ollama, checked against llama.cpp")
+    x.add_argument("run_dir", help=RUN_DIR_HELP)
+    options.add_arguments(x, options.ExportOptions)
+    x.set_defaults(func=_export)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or a merged model")
     s.add_argument("path", help="a run directory or a merged model folder")

@@ -17,7 +17,8 @@ EXIT_CODES: dict[int, str] = {
        "process of `chattune train --nproc N` failed)",
     2: "a user mistake (a ChattuneError: config, data, model, run directory, missing optional package) or a "
        "command line argparse rejects; one paragraph: where, what, fix",
-    3: "`chattune merge`: the merged model does not reproduce the adapter's logits (MergeCheckError)",
+    3: "`chattune merge`: the merged model does not reproduce the adapter's logits (MergeCheckError); "
+       "`chattune export`: the GGUF does not answer like the trained model at f16/bf16 (ExportCheckError)",
     130: "interrupted by Ctrl-C (128 + SIGINT); training saves a checkpoint and prints the command that resumes",
 }
 # `chattune train --nproc N` returns torchrun's own exit status as is: 0, 1 (a worker failed: its traceback
@@ -73,6 +74,12 @@ class LockedError(ChattuneError):
 
 class MergeCheckError(ChattuneError):
     """The merged model does not reproduce the adapter model's logits."""
+
+    exit_code = 3
+
+
+class ExportCheckError(ChattuneError):
+    """An exported GGUF does not answer like the trained model (the parity check of `chattune export`)."""
 
     exit_code = 3
 

@@ -1,8 +1,8 @@
-"""The options of the verbs that use a finished run (chat, eval, predict, merge, serve), typed once.
+"""The options of the verbs that use a finished run (chat, eval, predict, merge, export, serve), typed once.
 
 Each option's default, help and choices are written here and nowhere else: cli.py builds the verbs'
 `--flags` from these models (add_arguments), the verbs' `run()` signatures take their defaults from the
-default objects below (GENERATION, CHAT, EVAL, PREDICT, MERGE, SERVE), and `chattune keys` lists them
+default objects below (GENERATION, CHAT, EVAL, PREDICT, MERGE, EXPORT, SERVE), and `chattune keys` lists them
 after the config keys (iter_keys). A verb's inputs without a default (RUN_DIR, predict's --data and --out,
 merge's --out) are arguments, not options: cli.py declares them beside the verb.
 """
@@ -70,6 +70,23 @@ class MergeOptions(_Options):
     max_shard_size: str = Field("2GB", description="largest safetensors shard")
 
 
+class ExportOptions(_Options):
+    """`chattune export RUN_DIR --to gguf|ollama`."""
+
+    to: Literal["gguf", "ollama"] = Field("gguf", description="gguf: one .gguf file; ollama: the .gguf and a Modelfile")
+    quant: str = Field("f16", description="GGUF type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, "
+                                          "q4_0, q3_k_m, q2_k (f16/bf16: strict parity check)")
+    out: str | None = Field(None, description="folder to write (default: RUN_DIR/export/<name>)")
+    name: str | None = Field(None, description="export name: the folder under RUN_DIR/export/ (default: the quant)")
+    overwrite: bool = Field(False, description="replace an existing export folder")
+    no_check: bool = Field(False, description="skip the llama.cpp parity check")
+    check_data: str | None = Field(None, description="rows whose prompts the parity check answers (default: the run's probes)")
+    check_limit: int = Field(8, description="parity check: at most this many prompts")
+    check_max_new_tokens: int = Field(64, description="parity check: answer length limit")
+    repack: bool = Field(False, description="parity check: let llama.cpp repack quantised weights for its CPU kernels "
+                                            "(off: it crashed on AVX-512/AMX CPUs, see docs/export.md)")
+
+
 class ServeOptions(_Options):
     """`chattune serve PATH`."""
 
@@ -96,11 +113,13 @@ CHAT = ChatOptions()
 EVAL = EvalOptions()
 PREDICT = PredictOptions()
 MERGE = MergeOptions()
+EXPORT = ExportOptions()
 SERVE = ServeOptions()
 UI = UiOptions()
 
 VERBS: dict[str, type[_Options]] = {"chat": ChatOptions, "eval": EvalOptions, "predict": PredictOptions,
-                                    "merge": MergeOptions, "serve": ServeOptions, "ui": UiOptions}
+                                    "merge": MergeOptions, "export": ExportOptions, "serve": ServeOptions,
+                                    "ui": UiOptions}
 
 
 def flag(name: str) -> str:
