@@ -19,13 +19,14 @@ import torch
 from chattune.infer.generate import inference_mode
 from chattune.infer.prefill import can_prefill_packed, prefill_prefixes
 from chattune.model.packed_attention import base_model, packed_attention
+from chattune.options import SERVE
 from chattune.serve.batch import Batch, Row
 from chattune.serve.completion import Completion, TextPieces
 
 log = logging.getLogger("chattune")
 
-QUEUE_SIZE = 64  # completions waiting for a slot; one more is answered 503 with Retry-After
-MAX_BATCH = 32  # rows decoded together
+QUEUE_SIZE = SERVE.max_queue  # completions waiting for a slot; one more is answered 503 with Retry-After
+MAX_BATCH = SERVE.max_batch  # rows decoded together
 
 
 class Scheduler:
