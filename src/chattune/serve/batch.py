@@ -41,6 +41,7 @@ class Batch:
         self.rows: list[Row] = []
         self.cache: Any = None
         self.width = 0
+        self._active: str | None = None  # the adapter last set on the model (set_adapter walks every module)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -96,7 +97,10 @@ class Batch:
         if names == {None}:
             return {}
         if len(names) == 1 and BASE_ADAPTER not in names:
-            self.model.set_adapter(next(iter(names)))  # one adapter: peft's plain path, no per-row split
+            name = next(iter(names))
+            if name != self._active or name not in self.model.active_adapters:
+                self.model.set_adapter(name)  # one adapter: peft's plain path, no per-row split
+                self._active = name
             return {}
         return {"adapter_names": [r.adapter for r in self.rows]}
 
