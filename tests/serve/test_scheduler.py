@@ -110,3 +110,33 @@ def test_a_full_queue_refuses_and_a_stopping_scheduler_finishes_what_it_took(eng
         if ok:
             assert _text(c)[1]["completion_tokens"] > 0, "taken completions are finished before the thread ends"
     assert not scheduler.submit(_completion(engines["a"], "late", 2)), "a stopped scheduler takes nothing new"
+
+
+def test_the_batch_cache_grows_left_for_a_longer_prompt_and_shrinks_when_rows_leave(engines):
+    import torch
+
+    from chattune.infer.generate import inference_mode
+    from chattune.serve.batch import Batch, Row
+    from chattune.serve.completion import TextPieces
+    from chattune.serve.scheduler import prefix_states
+
+    e = engines["a"]
+    short, long = (_completion(e, q, 4) for q in (QUESTIONS[0], QUESTIONS[3]))
+    batch = Batch(e.model, e.model.get_base_model().config)
+    rows = [Row(c, TextPieces(e.tokenizer, c), "default", c.prompt_ids[-1], len(c.prompt_ids) - 1)
+            for c in (short, long)]
+    with inference_mode(e.model):
+        batch.add(rows[:1], prefix_states(e.model, [short.prompt_ids[:-1]], {}))
+        assert batch.width == len(short.prompt_ids) - 1 and rows[0].start == 0
+        batch.step()
+        batch.add(rows[1:], prefix_states(e.model, [long.prompt_ids[:-1]], {}))
+        grow = len(long.prompt_ids) - 1 - len(short.prompt_ids)
+        assert batch.width == len(long.prompt_ids) - 1 and rows[0].start == grow and rows[1].start == 0
+        logits = batch.step()
+        alone = e.model(input_ids=torch.tensor([long.prompt_ids])).logits[0, -1]
+        torch.testing.assert_close(logits[1], alone.float(), rtol=1e-4, atol=1e-4)
+        batch.remove([rows[1]])
+        assert batch.width == len(short.prompt_ids) + 1 and rows[0].start == 0, "the long row's columns are cut"
+        assert all(layer.keys.shape[:3] == (1, layer.keys.shape[1], batch.width) for layer in batch.cache.layers)
+        batch.remove([rows[0]])
+        assert batch.cache is None and batch.width == 0 and len(batch) == 0

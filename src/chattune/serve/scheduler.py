@@ -20,7 +20,7 @@ from chattune.infer.generate import inference_mode
 from chattune.infer.prefill import can_prefill_packed, prefill_prefixes
 from chattune.model.packed_attention import base_model, packed_attention
 from chattune.options import SERVE
-from chattune.serve.batch import Batch, Row
+from chattune.serve.batch import Batch, Row, new_cache
 from chattune.serve.completion import Completion, TextPieces
 
 log = logging.getLogger("chattune")
@@ -131,11 +131,9 @@ def prefix_states(model: Any, heads: list[list[int]], forward: dict[str, Any]) -
     if can_prefill_packed(model, [h + [0] for h in heads], 1):
         caches = [prefill_prefixes(model, heads, **forward)]
         lengths = [[len(h) for h in heads]]
-    else:
-        from transformers import DynamicCache
-
+    else:  # one forward per prefix, every layer keeping every column (sliding windows are the masks' job)
         device = next(model.parameters()).device
-        caches = [model(input_ids=torch.tensor([h], device=device), past_key_values=DynamicCache(config=_base_config(model)),
+        caches = [model(input_ids=torch.tensor([h], device=device), past_key_values=new_cache(_base_config(model)),
                         use_cache=True, logits_to_keep=1, **forward).past_key_values for h in heads]
         lengths = [[len(h)] for h in heads]
     out: list[list[tuple[Any, Any]]] = []
