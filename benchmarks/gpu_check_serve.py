@@ -43,8 +43,9 @@ def runs(ctx: Any) -> list[Path]:
     for name, system, seed in (("pirate", "You are a pirate.", 1), ("butler", "You are a formal butler.", 2)):
         cfg = ctx.workdir / f"{name}.yaml"
         data = ctx.repo / "src/chattune/resources/persona.json"
+        steps, batch, length = (1, 1, 48) if ctx.smoke else (2, 4, 128)  # --cpu-smoke: as little training as runs
         cfg.write_text(f"model:\n  name_or_path: smollm2-135m\n  dtype: fp32\ndata:\n  train: {data}\n  system: {system}\n"
-                       f"  max_length: 128\ntrain:\n  max_steps: 2\n  batch_size: 4\n  seed: {seed}\n"
+                       f"  max_length: {length}\ntrain:\n  max_steps: {steps}\n  batch_size: {batch}\n  seed: {seed}\n"
                        f"tracking:\n  backends: [none]\n  probe_size: 0\noutput_dir: {ctx.workdir / name}\n")
         subprocess.run([ctx.python, "-m", "chattune.cli", "train", str(cfg)], check=True, capture_output=True,
                        env=_env(ctx), timeout=600, cwd=ctx.workdir)
