@@ -75,7 +75,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_RUN_SYSTEM = "You are a terse test bot."
 
 
-def train_tiny_run(tmp: Path, model_dir: Path) -> Path:
+def train_tiny_run(tmp: Path, model_dir: Path, *, system: str = TINY_RUN_SYSTEM, overrides: tuple[str, ...] = ()) -> Path:
     """4 LoRA steps of the tiny random model (fp32) on the alpaca fixture, with a system prompt and 2 probes."""
     return train_tiny_run_with(tmp, model_dir)
 
@@ -87,7 +87,7 @@ def train_tiny_run_with(tmp: Path, model_dir: Path, *overrides: str) -> Path:
     fixture = Path(__file__).parent / "fixtures" / "data" / "alpaca.json"
     cfg = tmp / "c.yaml"
     cfg.write_text(f"model:\n  name_or_path: {model_dir}\n  dtype: fp32\ndata:\n  train: {fixture}\n"
-                   f"  system: {TINY_RUN_SYSTEM}\n")
+                   f"  system: {system}\n")
     assert cli.main(["train", str(cfg), f"output_dir={tmp / 'run'}", "train.max_steps=4", "train.batch_size=2",
                      "train.grad_accum=1", "train.learning_rate=5e-3", "tracking.probe_size=2",
                      "tracking.probe_max_new_tokens=4", "tracking.backends=[none]", *overrides]) == 0

@@ -76,8 +76,10 @@ def _export(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from chattune.verbs import serve
 
-    serve.run(args.path, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("CHATTUNE_API_KEY"),
-              max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    serve.run(args.path, names=args.name, host=args.host, port=args.port,
+              api_key=args.api_key or os.environ.get("CHATTUNE_API_KEY"), max_tokens_limit=args.max_tokens_limit,
+              max_body_bytes=args.max_body_bytes, max_batch=args.max_batch, max_queue=args.max_queue,
+              log_prompts=args.log_prompts, engine=args.engine, check=args.check)
 
 
 def _dashboard(args: argparse.Namespace) -> None:
@@ -181,8 +183,9 @@ def _add_run_users(sub: argparse._SubParsersAction) -> None:
     options.add_arguments(x, options.ExportOptions)
     x.set_defaults(func=_export)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a run or a merged model")
-    s.add_argument("path", help="a run directory or a merged model folder")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API for runs (several adapters on one base) or a merged model")
+    s.add_argument("path", nargs="+", help="run directories (one base model) or one merged model folder")
+    s.add_argument("--name", action="append", metavar="NAME=PATH", help="serve PATH under NAME (default: its folder name)")
     options.add_arguments(s, options.ServeOptions)
     s.set_defaults(func=_serve)
 

@@ -88,13 +88,18 @@ class ExportOptions(_Options):
 
 
 class ServeOptions(_Options):
-    """`chattune serve PATH`."""
+    """`chattune serve PATH...`."""
 
     host: str = Field("127.0.0.1", description="address to bind (loopback unless told otherwise)")
     port: int = Field(8000, description="TCP port")
     api_key: str | None = Field(None, description="require this bearer key (or set CHATTUNE_API_KEY)")
     max_tokens_limit: int = Field(2048, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(1_000_000, description="largest request body")
+    max_batch: int = Field(32, ge=1, description="completions decoded together (continuous batching)")
+    max_queue: int = Field(64, ge=1, description="completions waiting for a batch slot; one more is answered 503")
+    log_prompts: bool = Field(False, description="write each request's messages into the access log")
+    engine: Literal["chattune", "vllm"] = Field("chattune", description="chattune (this process), or vllm (starts `vllm serve`; needs a GPU)")
+    check: bool = Field(False, description="with --engine vllm: refuse to serve when vLLM's greedy answers differ from chattune's")
 
 
 class UiOptions(_Options):

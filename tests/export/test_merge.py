@@ -100,7 +100,8 @@ def test_serving_the_merged_folder_answers_like_the_run(merged, tiny_run):
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none",
                                timeout=120, max_retries=0)
-        got = client.chat.completions.create(model="x", messages=[{"role": "user", "content": QUESTION}], max_tokens=12)
+        got = client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": QUESTION}],
+                                              max_tokens=12)
     finally:
         server.shutdown()
         server.server_close()

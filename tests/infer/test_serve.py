@@ -26,7 +26,7 @@ LIMIT_TOKENS = 32
 LIMIT_BODY = 20_000
 START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 120
-SERVING = re.compile(r"serving \S+ on (http://[^\s/]+)/v1 ")
+SERVING = re.compile(r"serving .+? on (http://[^\s/]+)/v1 ")
 
 
 def _wait_for_url(proc: subprocess.Popen, log) -> str:
@@ -84,7 +84,7 @@ def _ask(client, question, **kw):
 def test_health_and_models(server, client):
     with urllib.request.urlopen(f"{server}/health", timeout=10) as r:
         assert json.load(r) == {"status": "ok", "model": "run", "queued": 0}
-    assert [m.id for m in client.models.list().data] == ["run"]
+    assert [m.id for m in client.models.list().data] == ["run", "base"], "the run, and its base model without the adapter"
 
 
 def test_completion_matches_chat(client, expected):

@@ -53,11 +53,31 @@ def prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: in
     Pass it to generate() together with the left-padded full prompts and their attention mask: generate()
     then only runs the last prompt token of each row before decoding.
     """
-    from transformers import DynamicCache, StaticCache
+    from transformers import StaticCache
+
+    base = base_model(model)
+    heads = [list(r[:-1]) for r in rows]
+    lengths = [len(h) for h in heads]
+    width = max(lengths)
+    packed = prefill_prefixes(model, heads)
+    cache = StaticCache(config=base.config, max_cache_len=width + 1 + max_new_tokens)
+    for index, layer in enumerate(packed.layers):
+        cache.update(_left_padded(layer.keys, lengths, width), _left_padded(layer.values, lengths, width), index)
+        layer.keys = layer.values = None  # free the packed copy layer by layer
+    return cache
+
+
+def prefill_prefixes(model: Any, heads: Sequence[Sequence[int]], **forward: Any) -> Any:
+    """The keys and values of every token sequence in `heads` (all non-empty), from one packed forward.
+
+    Returns a DynamicCache whose layers hold the sequences one after another along the length axis
+    ([1, kv_heads, sum(lengths), dim]); split them with the lengths. `forward` goes to the model's call
+    (the server passes peft's adapter_names there).
+    """
+    from transformers import DynamicCache
 
     base = base_model(model)
     device = next(model.parameters()).device
-    heads = [list(r[:-1]) for r in rows]
     lengths = [len(h) for h in heads]
     width = max(lengths)
     flat = torch.tensor([t for h in heads for t in h], dtype=torch.long, device=device)[None]
@@ -66,13 +86,8 @@ def prefill_packed(model: Any, rows: Sequence[Sequence[int]], max_new_tokens: in
     with packed_attention(model):
         out = model(input_ids=flat, position_ids=positions, past_key_values=DynamicCache(config=base.config),
                     use_cache=True, logits_to_keep=1, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                    max_length_q=width, max_length_k=width)
-    packed = out.past_key_values
-    cache = StaticCache(config=base.config, max_cache_len=width + 1 + max_new_tokens)
-    for index, layer in enumerate(packed.layers):
-        cache.update(_left_padded(layer.keys, lengths, width), _left_padded(layer.values, lengths, width), index)
-        layer.keys = layer.values = None  # free the packed copy layer by layer
-    return cache
+                    max_length_q=width, max_length_k=width, **forward)
+    return out.past_key_values
 
 
 def _left_padded(states: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 from chattune.infer.session import with_system
 from chattune.options import GENERATION
 from chattune.serve.engine import Engine
-from chattune.serve.worker import Completion
+from chattune.serve.completion import Completion
 
 DEFAULT_MAX_TOKENS = GENERATION.max_new_tokens  # what `chattune chat` uses when a request names no max_tokens
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

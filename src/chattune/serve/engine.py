@@ -9,14 +9,18 @@ from typing import Any
 
 from chattune.data.render import ChatRenderer
 from chattune.errors import ModelError
-from chattune.infer.session import load_session
+from chattune.infer.session import Session, load_session
 from chattune.model.load import resolve_dtype
 from chattune.model.placement import place_for_inference
 
 
 @dataclass
 class Engine:
-    """A model ready to answer, with the training template, stop ids and default system prompt."""
+    """A served model name: the model it runs on, its training template, stop ids and default system prompt.
+
+    Several engines can share one model (a base with several LoRA adapters, serve/adapters.py); adapter is
+    the peft adapter the name selects ("__base__" for the base alone, None for a model without adapters).
+    """
 
     model: Any
     renderer: Any
@@ -24,15 +28,18 @@ class Engine:
     system: str | None
     name: str
     max_positions: int | None = None
+    adapter: str | None = None
+    session: Session | None = None
 
     @property
     def tokenizer(self) -> Any:
         return self.renderer.tokenizer
 
 
-def load_engine(path: str | Path) -> Engine:
+def load_engine(path: str | Path, name: str | None = None) -> Engine:
     """A run directory (base + adapter) or a merged model folder (its template, generation_config eos ids)."""
     path = Path(path)
+    session = None
     if (path / "run_config.yaml").is_file():
         session = load_session(path)
         model, renderer, system = session.model, session.renderer, session.system
@@ -45,8 +52,9 @@ def load_engine(path: str | Path) -> Engine:
     model = place_for_inference(model)  # on the GPU, unless accelerate spread it (model.device_map=auto) or quantised it
     model.eval()
     config = getattr(model, "config", None)
-    return Engine(model, renderer, eos, system, path.resolve().name,
-                  getattr(config, "max_position_embeddings", None))
+    adapter = "default" if session is not None else None  # peft's name for the adapter from_pretrained loads
+    return Engine(model, renderer, list(eos), system, name or path.resolve().name,
+                  getattr(config, "max_position_embeddings", None), adapter, session)
 
 
 def _load_model_folder(path: Path) -> tuple[Any, Any, str | None, list[int]]:
