@@ -78,15 +78,25 @@ class ServeOptions(_Options):
     max_body_bytes: int = Field(1_000_000, description="largest request body")
 
 
+class PlanOptions(_Options):
+    """`chattune plan CONFIG`."""
+
+    memory: str | None = Field(None, description="memory to fit, e.g. 24GiB or 80GB: lists the settings that fit it")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="plan for this kind of device (auto: this machine's)")
+    gpu: str | None = Field(None, description="plan for this GPU (e.g. A100, H100, 4090): its peak speed gives the time")
+    tflops: float | None = Field(None, description="effective training speed in TFLOP/s, instead of measuring or a GPU's peak")
+
+
 GENERATION = GenerationOptions()
 CHAT = ChatOptions()
 EVAL = EvalOptions()
 PREDICT = PredictOptions()
 MERGE = MergeOptions()
 SERVE = ServeOptions()
+PLAN = PlanOptions()
 
 VERBS: dict[str, type[_Options]] = {"chat": ChatOptions, "eval": EvalOptions, "predict": PredictOptions,
-                                    "merge": MergeOptions, "serve": ServeOptions}
+                                    "merge": MergeOptions, "serve": ServeOptions, "plan": PlanOptions}
 
 
 def flag(name: str) -> str:

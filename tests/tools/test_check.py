@@ -82,6 +82,7 @@ def test_truncation_counts_on_a_crafted_file(crafted, tiny_model_dir, tmp_path, 
     assert "3 sample(s) truncated; 3 lose response tokens" in out and "3 lose the end-of-turn token" in out
     assert "1 sample(s) dropped: the prompt alone fills max_length=64" in out
     assert "ok: training would use 7 samples (1 invalid row(s) skipped)" in out
+    assert "plan: peak memory about" in out  # chattune plan's headline, for the samples just counted
     png = Path(report["png"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(c for _, _, c in report["histogram"]) == 8

@@ -18,14 +18,15 @@ from typing import Sequence
 from rich.console import Console
 
 from chattune.config import RunConfig
-from chattune.data.check import CheckReport, build_report, default_out, render_both, scan_files
+from chattune.data.check import CheckReport, Rendered, build_report, default_out, render_both, scan_files
 from chattune.data.render import ChatRenderer
-from chattune.errors import DataError
+from chattune.errors import ChattuneError, DataError
 from chattune.files import write_json
 from chattune.model.load import load_tokenizer
 from chattune.model.sources import resolve_model_dir
 from chattune.report import check_view as view
 from chattune.report.plots import length_histogram_png
+from chattune.train.planner import DataSize, make_plan
 
 log = logging.getLogger("chattune")
 
@@ -53,6 +54,7 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
     write_json(out_dir / "check.json", asdict(report))
     console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)
     verdict(report, cfg)
+    _plan_headline(cfg, rendered)
     return report
 
 
@@ -79,6 +81,17 @@ def verdict(report: CheckReport, cfg: RunConfig) -> None:
                         fix="raise data.max_length or set data.overlength=truncate")
     print(f"ok: training would use {report.render['samples']} samples"
           + (f" ({len(invalid)} invalid row(s) skipped)" if invalid else ""))
+
+
+def _plan_headline(cfg: RunConfig, rendered: Rendered) -> None:
+    """One line of `chattune plan`: peak memory and time per epoch for these samples on this machine."""
+    d = cfg.data
+    try:
+        plan = make_plan(cfg, DataSize.from_samples(rendered.full, d.max_length, d.overlength))
+    except ChattuneError as exc:  # the data is fine; only the estimate could not be made
+        log.warning("no memory plan: %s", exc.what)
+        return
+    print(plan.headline())
 
 
 def _try_png(lengths: Sequence[int], max_length: int, path: Path, n: int) -> str | None:
