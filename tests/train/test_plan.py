@@ -132,3 +132,39 @@ def test_run_defaults_come_from_the_options():
     got = {p.name: p.default for p in inspect.signature(plan_verb.run).parameters.values() if p.name != "quiet"
            and p.default is not p.empty}
     assert got == options.PLAN.model_dump()
+
+
+# ---------------------------------------------------------------------------
+# the estimate against real training steps on this CPU
+
+TOLERANCE = 0.15  # |estimate - measured| / measured, peak RSS of the whole process
+MEASURE = ("import resource, sys\nfrom chattune.cli import main\nrc = main(sys.argv[1:])\n"
+           "print('PEAK_BYTES', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(rc)")
+
+
+def _long_rows(path: Path, n: int, length: int) -> Path:
+    answer = "Here is a long and careful answer about many things, with details. " * (length // 8)
+    path.write_text(json.dumps([{"instruction": f"Question number {i}?", "output": answer} for i in range(n)]))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, batch, length, ckpt", [
+    ("smollm2-135m", 4, 256, False),  # matmul attention (<= 384 tokens): its scores count
+    ("smollm2-135m", 2, 768, True),   # flash attention, checkpointing
+    ("gemma3-270m", 2, 256, False),   # not among the models the constants were fitted on; 262k vocabulary
+])
+def test_estimate_is_within_tolerance_of_the_measured_peak(model, batch, length, ckpt, use_session_cache, gemma3_dir,
+                                                          tmp_path):
+    data = _long_rows(tmp_path / "rows.json", batch * 2, length)
+    overrides = [f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={length}",
+                 f"train.batch_size={batch}", "train.grad_accum=1", "train.max_steps=2",
+                 f"train.gradient_checkpointing={str(ckpt).lower()}", "tracking.backends=[none]", "tracking.probe_size=0",
+                 f"output_dir={tmp_path / 'run'}", *(["model.chat_template=gemma"] if "gemma" in model else [])]
+    demo = str(REPO / "configs" / "demo.yaml")
+    estimate = plan_verb.run(config.load(demo, overrides), quiet=True).estimate.total
+    proc = subprocess.run([sys.executable, "-c", MEASURE, "train", demo, "--overwrite", *overrides],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = int(proc.stdout.split("PEAK_BYTES")[-1].split()[0])
+    assert abs(estimate - measured) / measured <= TOLERANCE, (estimate / est.GIB, measured / est.GIB)
