@@ -56,7 +56,8 @@ def test_the_parsed_defaults_are_the_models_defaults(verb):
 def test_every_option_has_help_and_a_verb_section_in_keys():
     keys = list(options.iter_keys())
     assert all(help_ for _, _, help_ in keys), [k for k, _, h in keys if not h]
-    assert {k.split(".")[0] for k, _, _ in keys} == {"chat", "eval", "predict", "merge", "export", "serve", "ui"}
+    assert {k.split(".")[0] for k, _, _ in keys} == {"chat", "eval", "predict", "merge", "export", "serve", "ui",
+                                                     "plan"}
     assert ("serve.max_tokens_limit", 2048, "largest max_tokens a request may ask for") in keys
 
 

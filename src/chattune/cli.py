@@ -82,6 +82,15 @@ def _serve(args: argparse.Namespace) -> None:
               log_prompts=args.log_prompts, engine=args.engine, check=args.check)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from chattune import config
+
+    cfg = config.load(args.config, args.overrides)
+    from chattune.verbs import plan
+
+    plan.run(cfg, memory=args.memory, device=args.device, gpu=args.gpu, tflops=args.tflops)
+
+
 def _dashboard(args: argparse.Namespace) -> None:
     from chattune.verbs import dashboard
 
@@ -233,6 +242,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dk.set_defaults(func=_data_check)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser("plan", help="estimate peak memory and time per epoch before training; settings that fit --memory")
+    pl.add_argument("config", help="YAML config to plan, e.g. configs/roleplay_qwen1.5_7b.yaml")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. train.batch_size=2")
+    options.add_arguments(pl, options.PlanOptions)
+    pl.set_defaults(func=_plan)
+
+
 def _add_sweep_report(sub: argparse._SubParsersAction) -> None:
     sw = sub.add_parser("sweep", help="train every combination of a grid of config values and compare the runs")
     sw.add_argument("config", help="YAML config; its sweep.grid (if any) is the grid, --grid adds to it or replaces keys")
@@ -256,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chattune", description="Fine-tune chat LLMs with LoRA / QLoRA from one YAML file.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_train, _add_run_users, _add_tools, _add_data, _add_sweep_report):
+    for add in (_add_train, _add_run_users, _add_tools, _add_data, _add_plan, _add_sweep_report):
         add(sub)
     return p
 

@@ -113,6 +113,15 @@ class UiOptions(_Options):
     auth: str | None = Field(None, description="user:password asked by the page (or set CHATTUNE_UI_AUTH)")
 
 
+class PlanOptions(_Options):
+    """`chattune plan CONFIG`."""
+
+    memory: str | None = Field(None, description="memory to fit, e.g. 24GiB or 80GB: lists the settings that fit it")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="plan for this kind of device (auto: this machine's)")
+    gpu: str | None = Field(None, description="plan for this GPU (e.g. A100, H100, 4090): its peak speed gives the time")
+    tflops: float | None = Field(None, description="effective training speed in TFLOP/s, instead of measuring or a GPU's peak")
+
+
 GENERATION = GenerationOptions()
 CHAT = ChatOptions()
 EVAL = EvalOptions()
@@ -121,10 +130,11 @@ MERGE = MergeOptions()
 EXPORT = ExportOptions()
 SERVE = ServeOptions()
 UI = UiOptions()
+PLAN = PlanOptions()
 
 VERBS: dict[str, type[_Options]] = {"chat": ChatOptions, "eval": EvalOptions, "predict": PredictOptions,
                                     "merge": MergeOptions, "export": ExportOptions, "serve": ServeOptions,
-                                    "ui": UiOptions}
+                                    "ui": UiOptions, "plan": PlanOptions}
 
 
 def flag(name: str) -> str:

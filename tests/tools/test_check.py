@@ -85,6 +85,7 @@ def test_truncation_counts_on_a_crafted_file(crafted, tiny_model_dir, tmp_path, 
     # and 8, of which row 6 is dropped: 2 samples are trained on.
     assert "ok: training would use 2 samples (5 held out as probes (tracking.probe_size); 1 invalid row(s) skipped)" \
         in out
+    assert "plan: peak memory about" in out  # chattune plan's headline, for the samples just counted
     png = Path(report["png"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(c for _, _, c in report["histogram"]) == 8

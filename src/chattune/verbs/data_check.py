@@ -19,16 +19,17 @@ from typing import Sequence
 from rich.console import Console
 
 from chattune.config import RunConfig
-from chattune.data.check import CheckReport, build_report, default_out, fate, render_both, scan_files
+from chattune.data.check import CheckReport, Rendered, build_report, default_out, fate, render_both, scan_files
 from chattune.data.preference import check_layout
 from chattune.data.render import ChatRenderer
-from chattune.errors import DataError
+from chattune.errors import ChattuneError, DataError
 from chattune.files import write_json
 from chattune.model.load import load_tokenizer
 from chattune.model.sources import resolve_model_dir
 from chattune.report import check_view as view
 from chattune.report.plots import length_histogram_png
 from chattune.train.inputs import split_eval_data, split_probes
+from chattune.train.planner import DataSize, make_plan
 
 log = logging.getLogger("chattune")
 
@@ -80,6 +81,8 @@ def check_with_model(console: Console, cfg: RunConfig, files: list, conversation
     used = sum(s.where in trained.wheres and fate(s, d.max_length, d.overlength) != "dropped" for s in rendered.full)
     verdict(report, cfg, used=used, trained=trained,
             model=cfg.model.name_or_path if named else "")
+    if cfg.train.method == "sft":  # a pair's estimate is `chattune plan`'s (both answers in one batch)
+        _plan_headline(cfg, rendered)
     return report
 
 
@@ -145,6 +148,17 @@ def verdict(report: CheckReport, cfg: RunConfig, *, used: int | None = None, tra
         held.append(f"{len(invalid)} invalid row(s) skipped")
     n = report.render["samples"] if used is None else used
     print(f"ok: training would use {n} samples{with_model}" + (f" ({'; '.join(held)})" if held else ""))
+
+
+def _plan_headline(cfg: RunConfig, rendered: Rendered) -> None:
+    """One line of `chattune plan`: peak memory and time per epoch for these samples on this machine."""
+    d = cfg.data
+    try:
+        plan = make_plan(cfg, DataSize.from_samples(rendered.full, d.max_length, d.overlength))
+    except ChattuneError as exc:  # the data is fine; only the estimate could not be made
+        log.warning("no memory plan: %s", exc.what)
+        return
+    print(plan.headline())
 
 
 def _try_png(lengths: Sequence[int], max_length: int, path: Path, n: int) -> str | None:
