@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from chattune.infer.generate import whole_characters
+
 
 @dataclass
 class Completion:
@@ -78,8 +80,8 @@ class TextPieces:
 
     def end(self) -> dict[str, Any]:
         """Send what is left and the 'done' event; returns its info."""
-        if not self.hit_stop:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not self.hit_stop:  # an answer cut at max_tokens ends at its last whole character
+            self.text = whole_characters(self.tokenizer.decode(self.ids, skip_special_tokens=True))
         self._emit(len(self.text.rstrip()))
         stopped = self.hit_stop or (bool(self.ids) and self.ids[-1] in self.completion.eos_ids)
         info = {"finish_reason": "stop" if stopped else "length", "completion_tokens": len(self.ids),
