@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from chattune import cli, config
 from chattune.errors import ChattuneError, ConfigError, DataError, RunDirError
 from chattune.ui import form, jobs
+from chattune.ui.context import Ctx
 from chattune.ui.paths import Allowed, PathNotAllowedError
 from chattune.ui.strings import LANGS, STRINGS, t
 
@@ -241,3 +243,21 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_p
     assert "Traceback" in log_file.read_text() and "KeyError: 'boom'" in log_file.read_text()
     user = message(DataError("bad row", where="d.json:3", fix="fix it"), Ctx(Allowed.of(tmp_path)), "en")
     assert user == "d.json:3: bad row — fix it"
+
+
+def test_the_export_tab_offers_gguf_and_ollama_as_the_cli_does(tmp_path, monkeypatch):
+    from chattune.export.quants import QUANTS
+    from chattune.ui import app, tabs_results
+
+    run = tmp_path / "runs" / "demo"
+    assert tabs_results.ACTIONS["export"](None, run, "ollama", "q8_0", False) == \
+        ["export", str(run), "--to", "ollama", "--quant", "q8_0"]
+    assert tabs_results.ACTIONS["export"](None, run, "gguf", "f16", True)[-1] == "--overwrite"
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # gradio warns of anything but a tab directly in gr.Tabs
+        page = app.build(Ctx(Allowed.of(tmp_path)))  # the whole page builds, the export section in it
+    ids = {getattr(b, "elem_id", None) for b in page.blocks.values()}
+    assert {"merge-go", "gguf-go"} <= ids
+    quant = next(b for b in page.blocks.values() if getattr(b, "label", None) == "Quantisation")
+    assert [c[1] for c in quant.choices] == list(QUANTS)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from chattune.errors import ChattuneError, RunDirError
-from chattune.options import EVAL, MERGE, EvalOptions, MergeOptions
+from chattune.export.quants import QUANTS
+from chattune.options import EVAL, EXPORT, MERGE, EvalOptions, ExportOptions, MergeOptions
 from chattune.report import html as report_html
 from chattune.report.runs import expand_run_dirs, load_run, load_runs
 from chattune.rundir import RunDir
@@ -83,7 +84,7 @@ def eval_tables(run_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Export: one function per action. GGUF / Ollama export adds itself here as another entry of ACTIONS.
+# Export: one function per action (ACTIONS), each the command line of its verb.
 
 
 def merge_action(ctx: Ctx, run_dir: Path, out: str, dtype: str) -> list[str]:
@@ -91,7 +92,12 @@ def merge_action(ctx: Ctx, run_dir: Path, out: str, dtype: str) -> list[str]:
     return ["merge", str(run_dir), "--out", str(ctx.allowed.check(out, what="--out")), "--dtype", dtype]
 
 
-ACTIONS: dict[str, Callable[..., list[str]]] = {"merge": merge_action}
+def gguf_action(ctx: Ctx, run_dir: Path, to: str, quant: str, overwrite: bool) -> list[str]:
+    """`chattune export RUN --to gguf|ollama --quant Q`: merged, converted by llama.cpp, answers checked against it."""
+    return ["export", str(run_dir), "--to", to, "--quant", quant] + (["--overwrite"] if overwrite else [])
+
+
+ACTIONS: dict[str, Callable[..., list[str]]] = {"merge": merge_action, "export": gguf_action}
 
 
 def export_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
@@ -106,8 +112,25 @@ def export_tab(ctx: Ctx, lang: Any, fm: Form) -> None:
                                           value=MERGE.dtype, label=ctx.t("export.dtype")), "export.dtype")
         go = ctx.label(gr.Button(ctx.t("export.run"), variant="primary", elem_id="merge-go"), "export.run", "value")
         status = gr.HTML(elem_id="merge-status")
+        gguf_section(ctx, lang, fm, run_box)  # inside the tab: gr.Tabs holds nothing but tabs
     merge = guard(ctx, 1, lang_arg=0)(lambda lg, run, o, d, *v: (yield from export(ctx, fm, lg, "merge", run, v, o, d)))
     go.click(merge, inputs=[lang, run_box, out, dtype, *fm.inputs], outputs=status)
+
+
+def gguf_section(ctx: Ctx, lang: Any, fm: Form, run_box: Any) -> None:
+    """GGUF for llama.cpp / LM Studio, or GGUF + Modelfile for Ollama (`chattune export`), with its parity table."""
+    import gradio as gr
+
+    ctx.label(gr.Markdown(f"### {ctx.t('export.gguf')}"), "export.gguf", "value", "### {}")
+    with gr.Row():
+        to = ctx.label(gr.Dropdown(list(ExportOptions.model_fields["to"].annotation.__args__), value=EXPORT.to,
+                                   label=ctx.t("export.to")), "export.to")
+        quant = ctx.label(gr.Dropdown(list(QUANTS), value=EXPORT.quant, label=ctx.t("export.quant")), "export.quant")
+        overwrite = ctx.label(gr.Checkbox(False, label=ctx.t("export.overwrite")), "export.overwrite")
+    go = ctx.label(gr.Button(ctx.t("export.gguf_run"), variant="primary", elem_id="gguf-go"), "export.gguf_run", "value")
+    status = gr.HTML(elem_id="gguf-status")
+    run = guard(ctx, 1, lang_arg=0)(lambda lg, r, t_, q, o, *v: (yield from export(ctx, fm, lg, "export", r, v, t_, q, o)))
+    go.click(run, inputs=[lang, run_box, to, quant, overwrite, *fm.inputs], outputs=status)
 
 
 def export(ctx: Ctx, fm: Form, lang: str, action: str, run: str, values: tuple, *args: Any) -> Iterator[str]:
