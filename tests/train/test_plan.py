@@ -171,3 +171,14 @@ def test_estimate_is_within_tolerance_of_the_measured_peak(model, batch, length,
     assert proc.returncode == 0, proc.stderr[-2000:]
     measured = int(proc.stdout.split("PEAK_BYTES")[-1].split()[0])
     assert abs(estimate - measured) / measured <= TOLERANCE, (estimate / est.GIB, measured / est.GIB)
+
+
+def test_mixed_sources_are_planned_with_the_rows_training_takes(tiny_model_dir):
+    from chattune.train.planner import data_size
+
+    rows = json.loads(FIXTURE.read_text())
+    base = [f"model.name_or_path={tiny_model_dir}", "model.chat_template=chatml"]
+    whole = data_size(config.load(None, [*base, f"data.train={FIXTURE}"]))
+    half = data_size(config.load(None, [*base, f"data.train=[{{path: {FIXTURE}, fraction: 0.5}}]"]))
+    assert len(whole.lengths) == len(rows) and len(half.lengths) == round(len(rows) / 2)
+    assert whole.exact and half.exact and half.tokens < whole.tokens

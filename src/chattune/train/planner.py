@@ -10,6 +10,7 @@ from pathlib import Path
 
 from chattune.config import ModelConfig, RunConfig
 from chattune.data.check import scan_files
+from chattune.data.mix import take
 from chattune.data.render import IGNORE, ChatRenderer, Sample, render_all
 from chattune.errors import ConfigError, ModelError
 from chattune.model.load import cpu_has_fast_bf16, load_tokenizer
@@ -88,6 +89,7 @@ def _hub_config(m: ModelConfig) -> dict | None:
 def data_size(cfg: RunConfig) -> DataSize:
     """Token lengths of the training samples, with the tokenizer and template training would use."""
     _, conversations = scan_files(cfg)
+    conversations = _as_mixed(cfg, conversations)
     if not conversations:
         raise ConfigError("no usable training records", where=", ".join(cfg.data.train_paths),
                           fix="`chattune data check CONFIG` lists what is wrong with them")
@@ -98,6 +100,18 @@ def data_size(cfg: RunConfig) -> DataSize:
     samples, _ = render_all(renderer, conversations, max_length=d.max_length, overlength=d.overlength, train_on=d.train_on)
     supervised = sum(sum(label != IGNORE for label in s.labels) for s in samples)
     return DataSize([len(s.input_ids) for s in samples], supervised, True)
+
+
+def _as_mixed(cfg: RunConfig, conversations: list) -> list:
+    """The part of each data.train entry that training takes ({path, fraction|samples}), drawn as training draws it."""
+    if not cfg.data.mixed:
+        return conversations
+    out = []
+    for position, source in enumerate(cfg.data.train):
+        path = str(source if isinstance(source, str) else source.path)
+        rows = [c for c in conversations if c.where.startswith((f"{path}[", f"{path}:"))]
+        out += take(rows, source, seed=cfg.train.seed, position=position) if rows else []
+    return out
 
 
 def _renderer(cfg: RunConfig) -> ChatRenderer | None:
