@@ -167,3 +167,20 @@ def test_fused_scale_add_under_autocast_and_after_merge(tiny_model_dir):
         reference = plain.merge_and_unload()(input_ids=ids).logits.float()
     torch.testing.assert_close(merged, reference, atol=0, rtol=0)
     assert (merged - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_checkpointing_is_switched_on_without_the_deprecated_alias(tiny_model_dir):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = apply_lora(model, LoraConfig(), gradient_checkpointing=True)
+    assert model.is_activation_checkpointing  # really on: the layers recompute in the backward
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]  # not on every run
+    ids = torch.tensor([[1, 2, 3, 4]])
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)

@@ -197,14 +197,25 @@ def share_dropout_masks(model: Any) -> int:
     return n
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Recompute the frozen layers in the backward pass; their inputs carry grads so LoRA gets any.
+
+    transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias that warns on every run).
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def apply_lora(model: Any, cfg: LoraConfig, *, gradient_checkpointing: bool) -> Any:
     """Wrap the model with fresh LoRA adapters (of lora.variant); the base weights are frozen."""
     from peft import get_peft_model
 
     if gradient_checkpointing:
-        # Checkpointing recomputes frozen layers; inputs must carry grads for LoRA to get any.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     try:
         peft_model = get_peft_model(model, to_lora_config(cfg))
     except ValueError as exc:
@@ -234,8 +245,7 @@ def load_trained_adapter(model: Any, adapter_dir: str, *, gradient_checkpointing
     from peft import PeftModel
 
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     return with_fast_paths(peft_model, shared_dropout=shared_dropout)
 
