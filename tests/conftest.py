@@ -77,10 +77,10 @@ TINY_RUN_SYSTEM = "You are a terse test bot."
 
 def train_tiny_run(tmp: Path, model_dir: Path, *, system: str = TINY_RUN_SYSTEM, overrides: tuple[str, ...] = ()) -> Path:
     """4 LoRA steps of the tiny random model (fp32) on the alpaca fixture, with a system prompt and 2 probes."""
-    return train_tiny_run_with(tmp, model_dir)
+    return train_tiny_run_with(tmp, model_dir, *overrides, system=system)
 
 
-def train_tiny_run_with(tmp: Path, model_dir: Path, *overrides: str) -> Path:
+def train_tiny_run_with(tmp: Path, model_dir: Path, *overrides: str, system: str = TINY_RUN_SYSTEM) -> Path:
     """train_tiny_run with extra key=value overrides (e.g. lora.variant=dora)."""
     from chattune import cli
 
