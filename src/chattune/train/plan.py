@@ -31,9 +31,10 @@ LORA_BYTES = 16
 # Counted, these are (6, 5, 3, 2); the measured peaks need 1.28 times that (allocator slack, the LoRA path's
 # own copies), so the fitted constants below are scaled by it.
 ACT_PER_TOKEN = (7.7, 6.4, 3.85, 2.56)
-# Bytes per logit at a supervised position (vocab x positions): the logits, their float32 copy in the chunked
-# loss, and the gradient in both; fitted 13.5 (bf16) and 12.8 (fp32) on SmolLM2.
-LOGIT_BYTES = 13.0
+# Bytes per logit at a supervised position (vocab x positions): the logits, their gradient and the chunked loss's
+# float32 temporaries. Fitted 13 while accelerate still copied all kept logits to float32; 8 since #17 removed that
+# copy (gemma3-270m, 262k vocabulary, where the logits dominate: 3.09 GiB estimated at 13 vs 2.55 measured).
+LOGIT_BYTES = 8.0
 # The CPU's matmul attention keeps float32 scores and probabilities: 8 bytes per (head, query, key) (fitted 7.7).
 SCORE_BYTES = 8
 RUNTIME = {"cpu": 0.58 * GIB, "cuda": 0.5 * GIB}
