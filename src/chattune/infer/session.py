@@ -9,7 +9,7 @@ from typing import Any
 
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
-from chattune.model.load import load_model, resolve_dtype
+from chattune.model.load import load_model, load_tokenizer, resolve_dtype
 from chattune.model.placement import inference_device_map, map_device, model_devices, place_for_inference
 from chattune.model.sources import resolve_model_dir
 from chattune.rundir import RunDir
@@ -54,6 +54,13 @@ def load_session(run_path: str | Path, *, base_only: bool = False) -> Session:
     model.eval()
     log.info("model loaded on %s (%s)", model_devices(model), str(dtype).removeprefix("torch."))
     return Session(model, renderer, cfg, run_dir)
+
+
+def config_renderer(cfg: RunConfig) -> ChatRenderer:
+    """The tokenizer and chat template training would use for cfg (before there is a run)."""
+    m = cfg.model
+    model_dir = resolve_model_dir(m.name_or_path, source=m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    return ChatRenderer(load_tokenizer(model_dir, m), cfg.data.template_kwargs)
 
 
 def load_run_renderer(run_dir: RunDir, cfg: RunConfig) -> ChatRenderer:

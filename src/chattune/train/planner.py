@@ -13,7 +13,8 @@ from chattune.data.check import scan_files
 from chattune.data.mix import take
 from chattune.data.render import IGNORE, ChatRenderer, Sample, render_all
 from chattune.errors import ConfigError, ModelError
-from chattune.model.load import cpu_has_fast_bf16, load_tokenizer
+from chattune.infer.session import config_renderer
+from chattune.model.load import cpu_has_fast_bf16
 from chattune.model.sources import PACKAGED_ALIASES, resolve_model_dir
 from chattune.train import plan as est
 from chattune.train.throughput import PEAK_BF16, peak_flops
@@ -118,8 +119,7 @@ def _renderer(cfg: RunConfig) -> ChatRenderer | None:
     m = cfg.model
     if not (m.name_or_path.lower() in PACKAGED_ALIASES or Path(m.name_or_path).expanduser().exists()):
         return None  # a hub id: planning downloads nothing but config.json
-    model_dir = resolve_model_dir(m.name_or_path, source=m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    return ChatRenderer(load_tokenizer(model_dir, m), cfg.data.template_kwargs)
+    return config_renderer(cfg)
 
 
 def setting_from(cfg: RunConfig, shape: Shape, *, device: str) -> est.Setting:

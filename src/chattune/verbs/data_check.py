@@ -24,8 +24,7 @@ from chattune.data.preference import check_layout
 from chattune.data.render import ChatRenderer
 from chattune.errors import ChattuneError, DataError
 from chattune.files import write_json
-from chattune.model.load import load_tokenizer
-from chattune.model.sources import resolve_model_dir
+from chattune.infer.session import config_renderer
 from chattune.report import check_view as view
 from chattune.report.plots import length_histogram_png
 from chattune.train.inputs import split_eval_data, split_probes
@@ -118,9 +117,7 @@ def _slug(name: str) -> str:
 
 def load_renderer(cfg: RunConfig) -> ChatRenderer:
     """The tokenizer and chat template training would use."""
-    m = cfg.model
-    model_dir = resolve_model_dir(m.name_or_path, source=m.source, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    return ChatRenderer(load_tokenizer(model_dir, m), cfg.data.template_kwargs)
+    return config_renderer(cfg)
 
 
 def verdict(report: CheckReport, cfg: RunConfig, *, used: int | None = None, trained: TrainingRows | None = None,
