@@ -182,3 +182,11 @@ def test_mixed_sources_are_planned_with_the_rows_training_takes(tiny_model_dir):
     half = data_size(config.load(None, [*base, f"data.train=[{{path: {FIXTURE}, fraction: 0.5}}]"]))
     assert len(whole.lengths) == len(rows) and len(half.lengths) == round(len(rows) / 2)
     assert whole.exact and half.exact and half.tokens < whole.tokens
+
+
+def test_short_gpu_names_find_their_peak():
+    from chattune.train.planner import gpu_peak
+    from chattune.train.throughput import PEAK_BF16
+
+    assert gpu_peak("4090") == PEAK_BF16["RTX 4090"] and gpu_peak("a100") == PEAK_BF16["A100"]
+    assert gpu_peak("NVIDIA H100 PCIe") == PEAK_BF16["H100 PCIe"] and gpu_peak("B9000") is None

@@ -4,6 +4,7 @@ speed) and the estimates made from it (train/plan.py)."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +78,17 @@ def model_shape(m: ModelConfig) -> Shape:
 
 
 def _hub_config(m: ModelConfig) -> dict | None:
-    """config.json from the local hub cache or the hub itself; None when neither answers."""
-    try:
-        from huggingface_hub import hf_hub_download
+    """config.json from the local hub cache or the hub itself; None when neither answers.
 
-        path = hf_hub_download(m.name_or_path, "config.json", revision=m.revision)
+    Offline, huggingface_hub would retry for about a minute before giving up: one name lookup says it first.
+    """
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        path = try_to_load_from_cache(m.name_or_path, "config.json", revision=m.revision)
+        if not isinstance(path, str):
+            socket.getaddrinfo("huggingface.co", 443)
+            path = hf_hub_download(m.name_or_path, "config.json", revision=m.revision)
     except Exception:  # offline, unknown id, no access: the caller falls back to the table
         return None
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -146,12 +153,21 @@ def device_speed(s: est.Setting, *, gpu: str | None, tflops: float | None) -> fl
         return tflops * 1e12
     if s.device == "cuda":
         name = gpu or _this_gpu()
-        peak = peak_flops(name) if name else None
+        peak = gpu_peak(name) if name else None
         if peak is None:
             raise ConfigError(f"unknown GPU {name!r}" if name else "no GPU here to measure", where="--gpu",
                               fix=f"name one of {', '.join(PEAK_BF16)}, or give --tflops (effective TFLOP/s)")
         return peak * GPU_EFFICIENCY
     return _cpu_matmul_flops(s.dtype_bytes) * CPU_EFFICIENCY
+
+
+def gpu_peak(name: str) -> float | None:
+    """A GPU's peak by its device name, or by a short name a user types (4090, a100)."""
+    peak = peak_flops(name)
+    if peak is None:
+        keys = [k for k in PEAK_BF16 if name.strip().lower() in k.lower()]
+        peak = PEAK_BF16[min(keys, key=len)] if keys else None
+    return peak
 
 
 def _this_gpu() -> str | None:
