@@ -140,3 +140,21 @@ def test_the_same_process_cannot_write_one_output_twice(tmp_path):
     with run_lock(tmp_path / "run", "chattune ui"):
         with pytest.raises(LockedError, match=f"pid {os.getpid()}"), run_lock(tmp_path / "run", "chattune train"):
             pass
+
+
+def test_export_out_is_locked_by_a_live_process(tmp_path, baseline, capsys):
+    # A second export into a folder another export is writing: refused before any merge or conversion starts, and
+    # even --overwrite leaves the earlier export's files as they were.
+    out = tmp_path / "gguf"
+    out.mkdir()
+    (out / "Modelfile").write_text("FROM earlier.gguf\n")
+    holder = hold_lock(out, "chattune export")
+    try:
+        rc = cli.main(["export", str(baseline), "--out", str(out), "--quant", "f16", "--overwrite", "--no-check"])
+        err = capsys.readouterr().err
+    finally:
+        release(holder)
+    assert rc == 2 and f"pid {holder.pid}" in err and "chattune export" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile"]
+    assert (out / "Modelfile").read_text() == "FROM earlier.gguf\n"
+    assert not any(p.name.startswith(".gguf.tmp-") for p in tmp_path.iterdir()), "no half-written folder left beside"
