@@ -150,6 +150,21 @@ def test_parity_agreement_stops_and_likely_cause():
     assert likely_cause(compare(prompts, ours, other_prompt, strict=True)).startswith("template")
 
 
+def test_a_near_tie_among_few_probes_points_to_more_probes():
+    # huanhuan, 1 epoch on smollm2: 4 of the run's 5 probes agreed at f16 (one near-tie), 28 of 30 with --check-data
+    def numerics(n, differing):
+        prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(n)]
+        ours = [_answer(f"a{i}", [i, 1], False) for i in range(n)]
+        theirs = [_answer("x" if i < differing else f"a{i}", [i, 7] if i < differing else [i, 1], False)
+                  for i in range(n)]
+        return likely_cause(compare(prompts, ours, theirs, strict=True))
+
+    few = numerics(5, 1)
+    assert few.startswith("numerics") and "with 5 probes one near-tie fails" in few and "--check-limit" in few
+    many = numerics(20, 3)  # 85 %: failing with enough probes is not explained by one near-tie
+    assert many.startswith("numerics") and "--check-limit" not in many
+
+
 # ---------------------------------------------------------------- converter installation
 
 

@@ -148,7 +148,11 @@ def likely_cause(result: dict[str, Any]) -> str:
     if not result["stops_where_chattune_stops"]:
         return ("stop ids: llama.cpp does not treat the run's end-of-turn token as end of generation "
                 "(tokenizer.ggml.eos_token_id / eot_token_id in the GGUF)")
-    return "numerics: same prompts and stops, different greedy choices (a near-tie in the logits or a conversion bug)"
+    cause = "numerics: same prompts and stops, different greedy choices (a near-tie in the logits or a conversion bug)"
+    if result["probes"] * (1 - MIN_AGREEMENT) < 1:  # one differing answer alone fails the check
+        cause += (f"; with {result['probes']} probes one near-tie fails the check: rerun with more prompts "
+                  "(--check-data FILE --check-limit 30) before suspecting the conversion")
+    return cause
 
 
 def print_table(result: dict[str, Any], name: str, console: Console | None = None) -> None:
