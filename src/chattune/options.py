@@ -156,7 +156,9 @@ def value_type(annotation: Any) -> tuple[type, list[Any] | None]:
 def argument_spec(name: str, field: FieldInfo) -> dict[str, Any]:
     """add_argument's keywords for one option: its default, help, type and choices."""
     kind, choices = value_type(field.annotation)
-    spec: dict[str, Any] = {"default": field.get_default(call_default_factory=True), "help": field.description}
+    # argparse expands % in help (for %(default)s): a literal one, as in "95% interval", must be doubled
+    help_ = (field.description or "").replace("%", "%%")
+    spec: dict[str, Any] = {"default": field.get_default(call_default_factory=True), "help": help_}
     if get_origin(kind) is list:  # repeatable: --allow A --allow B
         spec["action"] = "append"
         kind = get_args(kind)[0]

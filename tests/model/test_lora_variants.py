@@ -83,6 +83,28 @@ def test_pissa_is_saved_as_plain_lora_of_the_original_base(tiny_model_dir, tmp_p
         torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_pissa_with_dropout_starts_away_from_the_base_and_says_so(tiny_model_dir, dropout, caplog):
+    # The demo config's lora.dropout=0.05 with lora.variant=pissa began at loss 3.80 where the base and every
+    # other variant give 2.95: dropout also drops the principal part of W that PiSSA moved into the adapter.
+    ids = torch.randint(10, 1000, (2, 11))
+    with torch.no_grad():
+        base = tiny(tiny_model_dir)(input_ids=ids, labels=ids).loss
+    with caplog.at_level("WARNING", logger="chattune"):
+        model = apply_lora(tiny(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=dropout, variant="pissa",
+                                                            pissa_niter=0), gradient_checkpointing=False)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        start = model(input_ids=ids, labels=ids).loss
+    warned = [r.getMessage() for r in caplog.records if "lora.dropout" in r.getMessage()]
+    if dropout:
+        assert abs(start - base) > 1e-3 and warned and "lora.dropout=0" in warned[0]
+    else:
+        torch.testing.assert_close(start, base, atol=1e-4, rtol=1e-4)
+        assert not warned
+
+
 def test_loraplus_optimizer_gives_b_the_higher_rate(tiny_model_dir):
     from chattune.model.lora import loraplus_optimizer
 

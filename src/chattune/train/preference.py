@@ -32,6 +32,7 @@ from chattune.config import TrainConfig
 from chattune.data.render import Sample
 from chattune.errors import MissingDependencyError, extra_pip
 from chattune.infer.score import sequence_logps
+from chattune.train.processes import sums_over_processes
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -155,10 +156,15 @@ class PreferenceObjective:
         return loss
 
     def pop_metrics(self) -> dict[str, float]:
-        """The metrics' means since the last call (empty when nothing was trained in between)."""
-        out = {k: round(sum(v) / len(v), 6) for k, v in self._sums.items() if v}
+        """The metrics' means since the last call, over every process's batches (empty when nothing was trained).
+
+        Under DDP every process calls this at the same log step (the Trainer logs on all of them); each holds
+        only its own pairs' metrics, so they are summed over the processes before the main one writes them.
+        """
+        keys = sorted(k for k, v in self._sums.items() if v)
+        totals = sums_over_processes([sum(self._sums[k]) for k in keys] + [len(self._sums[k]) for k in keys])
         self._sums.clear()
-        return out
+        return {k: round(totals[i] / totals[len(keys) + i], 6) for i, k in enumerate(keys)}
 
 
 def reference_logps(model: Any, dataset: PairDataset, collate: Callable[[list[dict]], dict[str, Any]], *,

@@ -97,11 +97,15 @@ def main_process_first() -> Iterator[None]:
 
 
 def _all_reduce(value: float, op: str) -> float:
+    return _all_reduce_many([value], op)[0]
+
+
+def _all_reduce_many(values: list[float], op: str) -> list[float]:
     nccl = torch.distributed.get_backend() == "nccl"
     device = torch.device("cuda", world().local_rank) if nccl else torch.device("cpu")
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op))
-    return float(t.item())
+    return t.tolist()
 
 
 def any_process(flag: bool) -> bool:
@@ -112,6 +116,11 @@ def any_process(flag: bool) -> bool:
 def sum_over_processes(value: float) -> float:
     """The sum of `value` over all processes (every process must call this); the value itself in one process."""
     return _all_reduce(value, "SUM") if _initialized() else value
+
+
+def sums_over_processes(values: list[float]) -> list[float]:
+    """Each value summed over all processes, in one collective (every process must call this with as many)."""
+    return _all_reduce_many(values, "SUM") if _initialized() else list(values)
 
 
 def process_count() -> int:
