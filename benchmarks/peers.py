@@ -1,6 +1,10 @@
 """chattune against LLaMA-Factory and TRL: the same model, rows, LoRA and schedule, each side in a fresh process.
 
     python benchmarks/peers.py [--task roleplay|persona|all] [--rows N] [--skip-peer llamafactory|trl] [--gpu]
+                               [--threads N]
+
+The role-play rows are read from ../shared/data beside the checkout (CHATTUNE_SHARED_DATA names the folder
+from a checkout elsewhere); without them that task is skipped with a message.
 
 Tasks (benchmarks/peer_configs.py): `roleplay` is the seeds' role-play recipe (configs/roleplay_qwen1.5_7b.yaml)
 on smollm2-135m, 300 rows of ../shared/data/huanhuan.json, one epoch; `persona` is the demo (configs/demo.yaml):
