@@ -12,6 +12,7 @@ from transformers import set_seed
 
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
+from chattune.model.cpu_threads import busy_cpu_advice
 from chattune.model.load import count_parameters, keep_fp16_training_stable, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora, load_trained_adapter, start_adapter_dir
 from chattune.model.packed_attention import check_padding_free
@@ -68,6 +69,7 @@ def train_into(cfg: RunConfig, run_dir: RunDir, *, resume: bool, resume_force: b
     records.report_data(run_dir, cfg, data)
     records.save_inference_assets(run_dir, tokenizer)
     dtype = resolve_dtype(cfg.model.dtype)
+    warn_if_cpu_busy()
     # Before the model: while these arguments live, ZeRO-3 loads each weight straight into its shard (zero.Init)
     args = to_training_args(cfg, run_dir, dtype, has_eval=bool(data.eval_samples))
     model = load_lora_model(cfg, model_dir, dtype)
@@ -83,6 +85,14 @@ def train_into(cfg: RunConfig, run_dir: RunDir, *, resume: bool, resume_force: b
 
 # ---------------------------------------------------------------------------
 # small steps
+
+
+def warn_if_cpu_busy() -> None:
+    """Training on a CPU that other processes keep busy: say how to keep PyTorch's threads from waiting."""
+    import torch
+
+    if not torch.cuda.is_available() and is_main_process() and (advice := busy_cpu_advice(torch.get_num_threads())):
+        log.warning(advice)
 
 
 def output_lock(cfg: RunConfig) -> Any:
