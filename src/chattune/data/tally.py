@@ -22,7 +22,7 @@ import numpy as np
 from chattune.config import RunConfig
 from chattune.data.check import CheckReport, FileReport, fates_of, histogram, iter_conversations, summary
 from chattune.data.formats import Conversation
-from chattune.data.render import IGNORE, RENDER_CHUNK, ChatRenderer, RenderStats, Sample, apply_max_length
+from chattune.data.render import IGNORE, RENDER_CHUNK, ChatRenderer, RenderStats, Sample, apply_max_length, merge_stats
 
 
 @dataclass
@@ -42,7 +42,7 @@ def scan(cfg: RunConfig) -> Scan:
     for conv in iter_conversations(cfg, files):
         digests += _digest(conv.messages) + _digest(conv.prompt) + _digest(conv.reference)
         n += 1
-    return Scan(files, n, np.frombuffer(bytes(digests), dtype=np.uint8).reshape(n, 48))
+    return Scan(files, n, np.frombuffer(digests, dtype=np.uint8).reshape(n, 48))  # no copy of the digests
 
 
 def _digest(value: Any) -> bytes:
@@ -124,12 +124,6 @@ class Tally:
         """The per-sample numbers as numpy arrays (no copy)."""
         names = ("total", "supervised", "first", "lost", "row")
         return {name: np.frombuffer(getattr(self, name), dtype=np.int64) for name in names}
-
-
-def merge_stats(a: RenderStats, b: RenderStats) -> RenderStats:
-    """The RenderStats of two consecutive chunks rendered as one (the first five truncated examples kept)."""
-    counts = {k: getattr(a, k) + getattr(b, k) for k in vars(a) if k != "examples_truncated"}
-    return RenderStats(**counts, examples_truncated=(a.examples_truncated + b.examples_truncated)[:5])
 
 
 def render_pass(cfg: RunConfig, renderer: ChatRenderer, *, preview: int = 0,
