@@ -44,8 +44,20 @@ FINGERPRINTS = {
 def _sha(*parts: Any) -> str:
     h = hashlib.sha256()
     for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, ensure_ascii=False, default=str).encode())
+        if isinstance(p, bytes):
+            h.update(p)
+        elif isinstance(p, list):  # item by item: the bytes of _json(p), without the whole data set as one string
+            h.update(b"[")
+            for i, item in enumerate(p):
+                h.update((", " if i else "").encode() + _json(item).encode())
+            h.update(b"]")
+        else:
+            h.update(_json(p).encode())
     return h.hexdigest()[:16]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def fingerprints(cfg: Any, renderer: Any, conversations: Sequence[Any], model_dir: str | Path) -> dict[str, str]:
