@@ -18,3 +18,8 @@ def test_item_by_item_hash_equals_the_whole_text_hash():
     for parts in ((messages,), ([],), ([messages[0]],), ("template", {"b": 1, "a": [2, 3]}), (b"raw", messages)):
         assert _sha(*parts) == whole_text_sha(*parts)
     assert _sha(messages) != _sha(messages[:4])
+
+
+def test_a_generator_of_items_hashes_like_their_list():
+    messages = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    assert _sha(m for m in messages) == _sha(messages) == whole_text_sha(messages)

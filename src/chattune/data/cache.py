@@ -24,7 +24,7 @@ from chattune.data.store import SampleStore, write_samples
 from chattune.files import atomic_open
 
 RENDER_VERSION = "2"  # bump when the rendering rules or the entry's format change (2: Arrow, was .npz)
-STORE_CHUNK = 4096  # conversations rendered and written to the cache entry at a time
+STORE_CHUNK = 1024  # conversations rendered and written to the cache entry at a time (~25 MB of Python lists)
 # Conversations below which render_parallel stays in one process. Measured on 2 cores (huanhuan rows made
 # unique, SmolLM2 tokenizer): one process 0.43 s / 2.1 s / 4.8 s for 3729 / 20k / 40k conversations, two
 # processes 0.47 s / 3.2 s / 7.6 s; the fast tokenizer already keeps both cores busy and forked renderers
@@ -62,7 +62,7 @@ def _rendered_chunks(renderer: ChatRenderer, conversations: Sequence[Conversatio
                      overlength: str, train_on: str) -> Iterator[tuple[list[Sample], RenderStats]]:
     """render_all's output, STORE_CHUNK conversations at a time: only one chunk's samples are ever in memory."""
     for k in range(0, len(conversations), STORE_CHUNK):
-        chunk = conversations[k:k + STORE_CHUNK]
+        chunk = list(conversations[k:k + STORE_CHUNK])  # decoded once, if packed
         yield render_all(renderer, chunk, max_length=max_length, overlength=overlength, train_on=train_on)
 
 

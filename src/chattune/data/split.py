@@ -22,6 +22,8 @@ def eval_count(n: int, *, ratio: float = 0.0, size: int = 0) -> int:
 def split_eval(rows: Sequence[T], *, ratio: float = 0.0, size: int = 0, seed: int = 42) -> tuple[list[T], list[T]]:
     """(training rows, eval rows): a seeded random choice of rows, each list in file order, no row in both."""
     held = held_out(len(rows), ratio=ratio, size=size, seed=seed)
+    if hasattr(rows, "select"):  # a PackedConversations stays packed: no row is decoded
+        return rows.select(i for i in range(len(rows)) if i not in held) if held else rows, rows.select(sorted(held))
     train = [r for i, r in enumerate(rows) if i not in held]
     evals = [r for i, r in enumerate(rows) if i in held]
     return train, evals

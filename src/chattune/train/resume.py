@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from types import GeneratorType
 from typing import Any, Sequence
 
 from chattune.errors import RunDirError
@@ -46,7 +47,7 @@ def _sha(*parts: Any) -> str:
     for p in parts:
         if isinstance(p, bytes):
             h.update(p)
-        elif isinstance(p, list):  # item by item: the bytes of _json(p), without the whole data set as one string
+        elif isinstance(p, (list, GeneratorType)):  # item by item: the bytes of _json(list(p)), never all at once
             h.update(b"[")
             for i, item in enumerate(p):
                 h.update((", " if i else "").encode() + _json(item).encode())
@@ -70,7 +71,7 @@ def fingerprints(cfg: Any, renderer: Any, conversations: Sequence[Any], model_di
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(sorted(lora.target_modules))
     return {
         # Message content only: moving or renaming the file does not change what is learned.
-        "data": f"{len(conversations)} conversations, sha256 {_sha([c.messages for c in conversations])}",
+        "data": f"{len(conversations)} conversations, sha256 {_sha(c.messages for c in conversations)}",
         "tokenizer": f"sha256 {_sha(vocab)}",
         "template": f"sha256 {_sha(tok.chat_template, renderer.template_kwargs)}",
         "max_length": f"max_length={d.max_length} overlength={d.overlength} train_on={d.train_on}",
