@@ -1,6 +1,6 @@
 """Memory-bounded data: peak RSS of `data check` and of training's tokenisation as the JSONL file grows.
 
-A 1 GB file takes about half an hour on a 2-core CPU, so this test measures two sizes (SMALL and LARGE MB)
+A 1 GB file takes about 25 minutes for both steps on a 2-core CPU, so this test measures two sizes (SMALL and LARGE MB)
 in child processes and extrapolates the growth to 1 GB; benchmarks/data_memory.py measures 1 GB itself
 (the numbers are in benchmarks/RESULTS.md and docs/reliability.md).
 """
