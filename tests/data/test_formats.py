@@ -134,3 +134,18 @@ def test_jsonl_error_points_at_the_column_where_the_line_breaks_off(tmp_path):
     with pytest.raises(DataError) as info:
         list(read_records(p))
     assert info.value.where == f"{p}:2" and "(column 32)" in str(info.value), str(info.value)
+
+
+def test_packed_conversations_decode_to_what_the_list_holds():
+    from chattune.data.split import split_eval
+
+    paths = [FIX / "alpaca.jsonl", FIX / "messages.jsonl", FIX / "sharegpt.json"]
+    plain, _ = load_conversations(paths)
+    packed, _ = load_conversations(paths, packed=True)
+    assert type(packed).__name__ == "PackedConversations" and len(packed) == len(plain) == 11
+    assert [(c.messages, c.where) for c in packed] == [(c.messages, c.where) for c in plain]
+    assert [c.where for c in packed[2:5]] == [c.where for c in plain[2:5]]
+    train, held = split_eval(packed, size=3, seed=1)
+    plain_train, plain_held = split_eval(plain, size=3, seed=1)
+    assert type(train) is type(packed) and [c.where for c in held] == [c.where for c in plain_held]
+    assert [(c.messages, c.where) for c in train] == [(c.messages, c.where) for c in plain_train]

@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from chattune import cli
+from chattune.data.store import SampleStore
 from chattune.rundir import RunDir
 from chattune.train.checkpoints import last_checkpoint
 
@@ -113,10 +113,9 @@ def fail_then_rerun(tmp: Path, model_dir: Path, baseline: Path, mp: pytest.Monke
     run = tmp / "run"
     assert_no_half_files(run)
     resumes = last_checkpoint(RunDir(run)) is not None
-    for entry in (tmp / "cache").rglob("*.npz"):  # a cache entry under its real name is whole
+    for entry in (tmp / "cache").rglob("*.arrow"):  # a cache entry under its real name is whole
         try:
-            with np.load(entry) as z:
-                [z[k] for k in z.files]
+            [s.input_ids for s in SampleStore(entry)]
         except Exception as exc:
             raise AssertionError(f"{entry} is not whole: {exc}") from exc
     assert cli.main(argv) == 0, f"the same command after the fault ({name}) did not finish the run"

@@ -3,8 +3,10 @@
 The key covers everything rendering depends on: the conversations themselves
 (so data content, format options, probe hold-out and limits all count), the
 tokenizer's vocabulary and merges, the chat template and its variables,
-max_length, overlength and train_on. A second run on the same inputs loads
-flat int32 arrays instead of re-tokenising; any change makes a new key.
+max_length, overlength and train_on. A second run on the same inputs maps
+the entry (data/store.py) instead of re-tokenising; any change makes a new key.
+An entry is rendered and written STORE_CHUNK conversations at a time, and what
+training gets back is the memory-mapped entry, never a list of every sample.
 """
 
 from __future__ import annotations
@@ -13,18 +15,16 @@ import hashlib
 import itertools
 import json
 import multiprocessing
-import zipfile
-from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import Iterable, Iterator, Sequence
 
 from chattune.data.formats import Conversation
-from chattune.data.render import RENDER_CHUNK, ChatRenderer, RenderStats, Sample, apply_max_length, gc_paused, render_all
+from chattune.data.render import RENDER_CHUNK, ChatRenderer, RenderStats, Sample, apply_max_length, render_all
+from chattune.data.store import SampleStore, write_samples
 from chattune.files import atomic_open
 
-RENDER_VERSION = "1"  # bump when the rendering rules change
+RENDER_VERSION = "2"  # bump when the rendering rules or the entry's format change (2: Arrow, was .npz)
+STORE_CHUNK = 1024  # conversations rendered and written to the cache entry at a time (~25 MB of Python lists)
 # Conversations below which render_parallel stays in one process. Measured on 2 cores (huanhuan rows made
 # unique, SmolLM2 tokenizer): one process 0.43 s / 2.1 s / 4.8 s for 3729 / 20k / 40k conversations, two
 # processes 0.47 s / 3.2 s / 7.6 s; the fast tokenizer already keeps both cores busy and forked renderers
@@ -58,26 +58,12 @@ def cache_key(renderer: ChatRenderer, conversations: Sequence[Conversation], **s
     return h.hexdigest()[:32]
 
 
-def _save(path: Path, samples: Sequence[Sample], stats: RenderStats) -> None:
-    lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
-    meta = json.dumps({"stats": asdict(stats), "where": [s.where for s in samples]}, ensure_ascii=False).encode()
-    with atomic_open(path, "wb") as f:  # a crash never leaves a half-written cache entry under the real name
-        np.savez(
-            f,
-            ids=np.fromiter(itertools.chain.from_iterable(s.input_ids for s in samples), dtype=np.int32, count=int(lengths.sum())),
-            labels=np.fromiter(itertools.chain.from_iterable(s.labels for s in samples), dtype=np.int32, count=int(lengths.sum())),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]),
-            meta=np.frombuffer(meta, dtype=np.uint8),
-        )
-
-
-def _load(path: Path) -> tuple[list[Sample], RenderStats]:
-    with np.load(path, allow_pickle=False) as z:
-        ids, labels, offsets = z["ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
-        meta = json.loads(z["meta"].tobytes().decode())
-    with gc_paused():
-        samples = [Sample(ids[a:b], labels[a:b], w) for a, b, w in zip(offsets, offsets[1:], meta["where"])]
-    return samples, RenderStats(**meta["stats"])
+def _rendered_chunks(renderer: ChatRenderer, conversations: Sequence[Conversation], *, max_length: int,
+                     overlength: str, train_on: str) -> Iterator[tuple[list[Sample], RenderStats]]:
+    """render_all's output, STORE_CHUNK conversations at a time: only one chunk's samples are ever in memory."""
+    for k in range(0, len(conversations), STORE_CHUNK):
+        chunk = list(conversations[k:k + STORE_CHUNK])  # decoded once, if packed
+        yield render_all(renderer, chunk, max_length=max_length, overlength=overlength, train_on=train_on)
 
 
 # What forked workers render: set by render_parallel just before forking, so the renderer and the
@@ -133,21 +119,29 @@ def render_cached(
     overlength: str = "truncate",
     train_on: str = "all_assistant",
     workers: int | None = None,
-) -> tuple[list[Sample], RenderStats, bool]:
-    """(samples, stats, cache hit): load a previous rendering of the same inputs or render and store it.
+) -> tuple[Sequence[Sample], RenderStats, bool]:
+    """(samples, stats, cache hit): map a previous rendering of the same inputs, or render, store and map it.
+
+    Without cache_dir the samples are rendered into a list in memory.
 
     workers > 1 renders the templates of 20k+ conversations in forked processes (see PARALLEL_MIN).
     """
     settings = {"max_length": max_length, "overlength": overlength, "train_on": train_on}
-    path = cache_dir / f"{cache_key(renderer, conversations, **settings)}.npz" if cache_dir else None
+    path = cache_dir / f"{cache_key(renderer, conversations, **settings)}.arrow" if cache_dir else None
     if path is not None and path.is_file():
         try:
-            samples, stats = _load(path)
-            return samples, stats, True
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            store = SampleStore(path)
+            return store, store.stats, True
+        except (OSError, ValueError, KeyError, TypeError):  # pyarrow's errors are ValueErrors or OSErrors
             path.unlink(missing_ok=True)  # a damaged entry is rebuilt, never trusted
     workers = workers if workers is not None else 1  # see PARALLEL_MIN
-    samples, stats = render_parallel(renderer, conversations, workers=workers, **settings)
-    if path is not None:
-        _save(path, samples, stats)
-    return samples, stats, False
+    if path is None or (workers > 1 and len(conversations) >= PARALLEL_MIN):
+        samples, stats = render_parallel(renderer, conversations, workers=workers, **settings)
+        chunks: Iterable[tuple[list[Sample], RenderStats]] = [(samples, stats)]
+        if path is None:
+            return samples, stats, False
+    else:
+        chunks = _rendered_chunks(renderer, conversations, **settings)
+    with atomic_open(path, "wb") as f:  # a crash never leaves a half-written cache entry under the real name
+        stats = write_samples(f, chunks)
+    return SampleStore(path), stats, False

@@ -10,13 +10,15 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 from chattune.config import RunConfig
 from chattune.data.formats import Conversation, detect_format, to_conversation
 from chattune.data.preference import to_pair
 from chattune.data.render import IGNORE, ChatRenderer, RenderStats, Sample, render_all
-from chattune.data.stream import BadRecord, iter_records
+from chattune.data.stream import BadRecord, Record, iter_records
 from chattune.errors import DataError
 
 @dataclass
@@ -41,7 +43,7 @@ class LengthStats:
 
     def percentiles(self) -> dict[str, dict[str, float]]:
         """min / mean / p50 / p90 / p99 / max of each count."""
-        return {name: _summary(values) for name, values in asdict(self).items()}
+        return {name: summary(values) for name, values in asdict(self).items()}
 
 
 @dataclass
@@ -105,9 +107,18 @@ def build_report(cfg: RunConfig, files: list[FileReport], conversations: Sequenc
 
 def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
     """Read every train and eval file record by record, keeping the good ones and noting each bad one."""
-    d = cfg.data
     files: list[FileReport] = []
-    conversations: list[Conversation] = []
+    conversations = list(iter_conversations(cfg, files))
+    return files, conversations
+
+
+def iter_conversations(cfg: RunConfig, files: list[FileReport]) -> Iterator[Conversation]:
+    """The training conversations, one at a time in file order; appends each file's FileReport (eval files too).
+
+    A preference pair gives two conversations, chosen then rejected. Reading stops at data.limit, as training does.
+    """
+    d = cfg.data
+    kept = 0
     for role, paths in (("train", d.train_paths), ("eval", d.eval)):
         for path in paths:
             rep = FileReport(path=str(path), role=role)
@@ -115,29 +126,36 @@ def scan_files(cfg: RunConfig) -> tuple[list[FileReport], list[Conversation]]:
             fmt = None if d.format == "auto" else d.format
             try:
                 for rec in iter_records(path):
-                    if role == "train" and d.limit and len(conversations) >= d.limit:
+                    if role == "train" and d.limit and kept >= d.limit:
                         break  # training reads no further (data.limit)
-                    rep.rows += 1
-                    if isinstance(rec, BadRecord):
-                        rep.invalid.append((rec.where, rec.reason))
-                        continue
-                    try:
-                        if cfg.train.method != "sft":  # a preference pair: both sides, chosen first
-                            pair = to_pair(rec.data, rec.where, system=d.system)
-                            convs = [pair.side("chosen"), pair.side("rejected")]
-                        else:
-                            fmt = fmt or detect_format(rec.data, rec.where)
-                            convs = [to_conversation(rec.data, rec.where, fmt, system=d.system,
-                                                     instruction_as=d.instruction_as)]
-                    except DataError as exc:
-                        rep.invalid.append((rec.where, exc.what))
-                        continue
-                    rep.valid += 1
+                    fmt, convs = _convert(cfg, rep, rec, fmt)
                     if role == "train":
-                        conversations += convs
+                        kept += len(convs)
+                        yield from convs
             except DataError as exc:
                 rep.error = exc.render()
-    return files, conversations
+
+
+def _convert(cfg: RunConfig, rep: FileReport, rec: Record | BadRecord,
+             fmt: str | None) -> tuple[str | None, list[Conversation]]:
+    """(the file's format once known, the record's conversations); an invalid record is noted in rep."""
+    d = cfg.data
+    rep.rows += 1
+    if isinstance(rec, BadRecord):
+        rep.invalid.append((rec.where, rec.reason))
+        return fmt, []
+    try:
+        if cfg.train.method != "sft":  # a preference pair: both sides, chosen first
+            pair = to_pair(rec.data, rec.where, system=d.system)
+            convs = [pair.side("chosen"), pair.side("rejected")]
+        else:
+            fmt = fmt or detect_format(rec.data, rec.where)
+            convs = [to_conversation(rec.data, rec.where, fmt, system=d.system, instruction_as=d.instruction_as)]
+    except DataError as exc:
+        rep.invalid.append((rec.where, exc.what))
+        return fmt, []
+    rep.valid += 1
+    return fmt, convs
 
 
 def find_duplicates(conversations: Sequence[Conversation]) -> tuple[list[list[str]], list[list[str]]]:
@@ -180,16 +198,15 @@ def lost_response(samples: Sequence[Sample], max_length: int) -> tuple[int, int]
     return sum(1 for n in lost if n), sum(lost)
 
 
-def histogram(values: Sequence[int], bins: int) -> list[tuple[int, int, int]]:
+def histogram(values: Sequence[int] | np.ndarray, bins: int) -> list[tuple[int, int, int]]:
     """Equal-width bins as (low, high, count), high exclusive; widths rounded to whole tokens."""
-    if not values:
+    v = np.asarray(values, dtype=np.int64)
+    if not v.size:
         return []
-    lo, hi = min(values), max(values)
+    lo, hi = int(v.min()), int(v.max())
     width = max(1, -(-(hi - lo + 1) // bins))
-    counts = [0] * (-(-(hi - lo + 1) // width))
-    for v in values:
-        counts[(v - lo) // width] += 1
-    return [(lo + i * width, lo + (i + 1) * width, c) for i, c in enumerate(counts)]
+    counts = np.bincount((v - lo) // width, minlength=-(-(hi - lo + 1) // width))
+    return [(lo + i * width, lo + (i + 1) * width, int(c)) for i, c in enumerate(counts)]
 
 
 def fate(sample: Sample, max_length: int, overlength: str) -> str:
@@ -205,25 +222,37 @@ def fate(sample: Sample, max_length: int, overlength: str) -> str:
 def fate_histogram(samples: Sequence[Sample], max_length: int, overlength: str,
                    bins: int) -> list[tuple[int, int, int, int, int]]:
     """histogram()'s bins of whole-sample lengths, each count split into (kept whole, truncated, dropped)."""
-    hist = histogram([len(s.input_ids) for s in samples], bins)
+    total = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
+    first = np.array([next((i for i, l in enumerate(s.labels) if l != IGNORE), len(s.labels)) for s in samples],
+                     dtype=np.int64)
+    return fates_of(total, first, max_length, overlength, bins)
+
+
+def fates_of(total: np.ndarray, first: np.ndarray, max_length: int, overlength: str,
+             bins: int) -> list[tuple[int, int, int, int, int]]:
+    """fate_histogram from each sample's length and first supervised position (fate()'s rule, on arrays)."""
+    hist = histogram(total, bins)
     if not hist:
         return []
     lo, width = hist[0][0], hist[0][1] - hist[0][0]
-    counts = [{"kept": 0, "truncated": 0, "dropped": 0} for _ in hist]
-    for s in samples:
-        counts[(len(s.input_ids) - lo) // width][fate(s, max_length, overlength)] += 1
-    return [(a, b, c["kept"], c["truncated"], c["dropped"]) for (a, b, _), c in zip(hist, counts)]
+    kept = total <= max_length
+    dropped = ~kept & ((first >= max_length) | (overlength == "drop"))
+    binned = (total - lo) // width
+    split = [np.bincount(binned[mask], minlength=len(hist)) for mask in (kept, ~kept & ~dropped, dropped)]
+    return [(a, b, int(k), int(t), int(d)) for (a, b, _), k, t, d in zip(hist, *split)]
 
 
-def _summary(values: Sequence[int]) -> dict[str, float]:
-    if not values:
+def summary(values: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """min / mean / p50 / p90 / p99 / max of the values ({} for none)."""
+    s = np.sort(np.asarray(values, dtype=np.int64))
+    if not s.size:
         return {}
-    s = sorted(values)
 
     def pct(p: float) -> int:
-        return s[min(len(s) - 1, int(p / 100 * len(s)))]
+        return int(s[min(len(s) - 1, int(p / 100 * len(s)))])
 
-    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": s[-1]}
+    return {"min": int(s[0]), "mean": round(int(s.sum()) / len(s), 1), "p50": pct(50), "p90": pct(90), "p99": pct(99),
+            "max": int(s[-1])}
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ class SampleDataset(torch.utils.data.Dataset):
     """Rendered samples as the dicts the Trainer's dataloader expects."""
 
     def __init__(self, samples: Sequence[Sample]):
-        self.samples = list(samples)
+        self.samples = samples if isinstance(samples, Sequence) else list(samples)  # a SampleStore stays on disk
 
     def __len__(self) -> int:
         return len(self.samples)

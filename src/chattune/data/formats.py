@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence, overload
 
 from chattune.data.stream import Record, json_kind, read_records
 from chattune.errors import DataError
@@ -46,6 +46,39 @@ class Conversation:
     def reference(self) -> str:
         """The last assistant answer (the ground truth for probes and evaluation)."""
         return self.messages[-1]["content"]
+
+
+class PackedConversations(Sequence[Conversation]):
+    """Conversations held as one bytes object each (location, then the messages' JSON), decoded on access.
+
+    About a third of the memory of the same conversations as dicts and strs: what lets `chattune train` hold
+    a large training file (docs/reliability.md, "Memory-bounded data"). Slices and select() are packed too.
+    """
+
+    def __init__(self, blobs: list[bytes] | None = None):
+        self._blobs = blobs if blobs is not None else []
+
+    def append(self, conv: Conversation) -> None:
+        self._blobs.append(conv.where.encode() + b"\0" + json.dumps(conv.messages, ensure_ascii=False).encode())
+
+    def select(self, indices: Iterable[int]) -> "PackedConversations":
+        """The conversations at these indices, in that order (packed, sharing the bytes)."""
+        return PackedConversations([self._blobs[i] for i in indices])
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    @overload
+    def __getitem__(self, i: int) -> Conversation: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> "PackedConversations": ...
+
+    def __getitem__(self, i: int | slice) -> "Conversation | PackedConversations":
+        if isinstance(i, slice):
+            return PackedConversations(self._blobs[i])
+        where, _, messages = self._blobs[i].partition(b"\0")
+        return Conversation(json.loads(messages), where.decode())
 
 
 @dataclass
@@ -221,12 +254,14 @@ def load_conversations(
     on_bad_record: str = "error",
     limit: int | None = None,
     require_answer: bool = True,
+    packed: bool = False,
 ) -> tuple[list[Conversation], LoadReport]:
     """Read every file, convert every record; bad records raise or are skipped and reported.
 
     require_answer=False also accepts prompt-only records (no output, or ending with a user turn), for predict.
+    packed=True returns a PackedConversations (training's large files) instead of a list.
     """
-    conversations: list[Conversation] = []
+    conversations: Any = PackedConversations() if packed else []
     report = LoadReport()
     for path in paths:
         file_fmt = None if fmt == "auto" else fmt

@@ -73,6 +73,12 @@ class RenderStats:
         return lines
 
 
+def merge_stats(a: RenderStats, b: RenderStats) -> RenderStats:
+    """The RenderStats of two consecutive chunks rendered as one (the first five truncated examples kept)."""
+    counts = {k: getattr(a, k) + getattr(b, k) for k in vars(a) if k != "examples_truncated"}
+    return RenderStats(**counts, examples_truncated=(a.examples_truncated + b.examples_truncated)[:5])
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while building many small lists.

@@ -44,6 +44,7 @@ def prepare_data(cfg: RunConfig, renderer: ChatRenderer) -> TrainingData:
     conversations, load_report = load_training_data(cfg)
     conversations, eval_conversations = split_eval_data(cfg, conversations)
     probes, conversations = split_probes(cfg, conversations, eval_conversations)
+    probes = list(probes)
     with main_process_first():  # the others reuse the main process's tokenised cache
         samples, stats = render_training_data(cfg, renderer, conversations)
     eval_samples, eval_info = render_eval_data(cfg, renderer, eval_conversations)
@@ -81,7 +82,7 @@ def load_training_data(cfg: RunConfig) -> tuple[list[Conversation], LoadReport]:
 
     def load(paths: list[str], limit: int | None = None) -> tuple[list[Conversation], LoadReport]:
         return load_conversations(paths, fmt=d.format, system=d.system, instruction_as=d.instruction_as,
-                                  on_bad_record=d.on_bad_record, limit=limit)
+                                  on_bad_record=d.on_bad_record, limit=limit, packed=True)
 
     if not d.mixed:
         return load(d.train_paths, d.limit)

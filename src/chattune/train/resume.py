@@ -17,6 +17,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from types import GeneratorType
 from typing import Any, Sequence
 
 from chattune.errors import RunDirError
@@ -44,8 +45,20 @@ FINGERPRINTS = {
 def _sha(*parts: Any) -> str:
     h = hashlib.sha256()
     for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, ensure_ascii=False, default=str).encode())
+        if isinstance(p, bytes):
+            h.update(p)
+        elif isinstance(p, (list, GeneratorType)):  # item by item: the bytes of _json(list(p)), never all at once
+            h.update(b"[")
+            for i, item in enumerate(p):
+                h.update((", " if i else "").encode() + _json(item).encode())
+            h.update(b"]")
+        else:
+            h.update(_json(p).encode())
     return h.hexdigest()[:16]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def fingerprints(cfg: Any, renderer: Any, conversations: Sequence[Any], model_dir: str | Path) -> dict[str, str]:
@@ -58,7 +71,7 @@ def fingerprints(cfg: Any, renderer: Any, conversations: Sequence[Any], model_di
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(sorted(lora.target_modules))
     return {
         # Message content only: moving or renaming the file does not change what is learned.
-        "data": f"{len(conversations)} conversations, sha256 {_sha([c.messages for c in conversations])}",
+        "data": f"{len(conversations)} conversations, sha256 {_sha(c.messages for c in conversations)}",
         "tokenizer": f"sha256 {_sha(vocab)}",
         "template": f"sha256 {_sha(tok.chat_template, renderer.template_kwargs)}",
         "max_length": f"max_length={d.max_length} overlength={d.overlength} train_on={d.train_on}",

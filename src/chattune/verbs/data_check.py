@@ -16,12 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from rich.console import Console
 
 from chattune.config import RunConfig
-from chattune.data.check import CheckReport, Rendered, build_report, default_out, fate, render_both, scan_files
+from chattune.data.check import CheckReport, default_out
 from chattune.data.preference import check_layout
 from chattune.data.render import ChatRenderer
+from chattune.data.split import held_out
+from chattune.data.tally import Scan, Tally, dropped, duplicate_groups, render_pass, scan, streamed_report
 from chattune.errors import ChattuneError, DataError
 from chattune.files import write_json
 from chattune.infer.session import config_renderer
@@ -38,50 +41,53 @@ def run(cfg: RunConfig, *, preview: int = 2, out: str | Path | None = None, bins
 
     A sweep config whose grid varies model.name_or_path is checked with each model's tokenizer and template
     (one check.json per model, in a folder named after it); the first model's report is returned.
+    The files are streamed (data/tally.py): memory stays bounded whatever their size.
     """
     console = Console(highlight=False)
     d = cfg.data
     check_layout(d.train_paths, cfg.train.method)  # preference data for sft, or sft data for dpo: the layout expected
-    files, conversations = scan_files(cfg)
-    view.show_files(console, files)
-    if not conversations:
+    scanned = scan(cfg)
+    view.show_files(console, scanned.files)
+    if not scanned.conversations:
         raise DataError("no usable records in the training data", where=", ".join(d.train_paths),
                         fix="fix the rows listed above, or check data.format and the column names "
                             "(`chattune data convert --map` renames them)")
     out_dir = Path(out) if out else default_out(cfg)
     models = sweep_models(cfg)
-    trained = training_rows(cfg, conversations)
+    trained = training_rows(cfg, scanned.conversations)
+    groups = duplicate_groups(scanned.digests, conflicts=cfg.train.method == "sft")  # a pair answers twice on purpose
     reports = [check_with_model(console, cfg.model_copy(update={"model": cfg.model.model_copy(
-                   update={"name_or_path": m})}), files, conversations, trained,
+                   update={"name_or_path": m})}), scanned, groups, trained,
                    out_dir / _slug(m) if len(models) > 1 else out_dir, preview=preview, bins=bins,
                    named=len(models) > 1) for m in models]
     return reports[0]
 
 
-def check_with_model(console: Console, cfg: RunConfig, files: list, conversations: list, trained: "TrainingRows",
-                     out_dir: Path, *, preview: int, bins: int, named: bool) -> CheckReport:
+def check_with_model(console: Console, cfg: RunConfig, scanned: Scan, groups: tuple[list[list[int]], list[list[int]]],
+                     trained: "TrainingRows", out_dir: Path, *, preview: int, bins: int, named: bool) -> CheckReport:
     """Render the data with cfg.model's tokenizer and template; print, save and judge what training would get."""
     d = cfg.data
     if named:
         console.rule(f"tokenizer and template of {cfg.model.name_or_path}")
     renderer = load_renderer(cfg)
-    rendered = render_both(renderer, conversations, cfg)
-    report = build_report(cfg, files, conversations, rendered, bins)
+    if cfg.train.method != "sft":  # the first pairs, chosen then rejected: both sides' supervised tokens
+        preview *= 2
+    tally, wheres = render_pass(cfg, renderer, preview=preview, wanted={i for kind in groups for g in kind for i in g})
+    report = streamed_report(cfg, scanned, tally, groups, wheres, bins)
+    lengths = tally.arrays()
     view.show_duplicates(console, report.duplicates, report.conflicts)
-    view.show_lengths(console, report, rendered.stats, sum(rendered.lengths.supervised))
+    view.show_lengths(console, report, tally.stats, int(lengths["supervised"].sum()))
     view.show_histogram(console, report.fates, d.max_length, model=cfg.model.name_or_path if named else "")
-    report.png = _try_png(rendered.lengths.total, d.max_length, out_dir / "token_lengths.png", len(rendered.full))
+    report.png = _try_png(lengths["total"], d.max_length, out_dir / "token_lengths.png", len(lengths["total"]))
     if preview:
-        if cfg.train.method != "sft":  # the first pairs, chosen then rejected: both sides' supervised tokens
-            preview *= 2
-        view.show_previews(console, renderer, rendered.full[:preview], d.max_length)
+        view.show_previews(console, renderer, tally.previews, d.max_length)
     write_json(out_dir / "check.json", asdict(report))
     console.print(f"\nsaved: {out_dir / 'check.json'}" + (f", {report.png}" if report.png else ""), markup=False)
-    used = sum(s.where in trained.wheres and fate(s, d.max_length, d.overlength) != "dropped" for s in rendered.full)
+    used = int(np.count_nonzero(trained.rows[lengths["row"]] & ~dropped(tally)))
     verdict(report, cfg, used=used, trained=trained,
             model=cfg.model.name_or_path if named else "")
     if cfg.train.method == "sft":  # a pair's estimate is `chattune plan`'s (both answers in one batch)
-        _plan_headline(cfg, rendered)
+        _plan_headline(cfg, tally)
     return report
 
 
@@ -89,19 +95,27 @@ def check_with_model(console: Console, cfg: RunConfig, files: list, conversation
 class TrainingRows:
     """Which conversations training learns from once the eval rows and probes are held out."""
 
-    wheres: set[str]
+    rows: np.ndarray  # one bool per conversation: True where training learns from it
     eval_held: int
     probes_held: int
     eval_key: str
 
 
-def training_rows(cfg: RunConfig, conversations: list) -> TrainingRows:
-    """The split training itself makes (train/inputs.py): eval rows by data.eval_ratio / eval_size, then probes."""
-    train, evals = split_eval_data(cfg, conversations)
-    probes_from = len(train)
-    _, train = split_probes(cfg, train, evals)
-    key = f"data.eval_size={cfg.data.eval_size}" if cfg.data.eval_size else f"data.eval_ratio={cfg.data.eval_ratio:g}"
-    return TrainingRows({c.where for c in train}, 0 if cfg.data.eval else len(evals), probes_from - len(train), key)
+def training_rows(cfg: RunConfig, n: int) -> TrainingRows:
+    """The split training itself makes (train/inputs.py) of n conversations: eval rows, then probes."""
+    d = cfg.data
+    if d.eval:  # separate eval files: loaded (and their errors raised) as training loads them
+        _, evals = split_eval_data(cfg, [])
+        held: set[int] = set()
+    else:
+        held = held_out(n, ratio=d.eval_ratio, size=d.eval_size, seed=cfg.train.seed)
+        evals = sorted(held)
+    _, rest = split_probes(cfg, range(n), evals)  # a range in, a range out: the probes are the first rows
+    rows = np.ones(n, dtype=bool)
+    rows[: n - len(rest)] = False
+    rows[list(held)] = False
+    key = f"data.eval_size={d.eval_size}" if d.eval_size else f"data.eval_ratio={d.eval_ratio:g}"
+    return TrainingRows(rows, len(held), n - len(rest), key)
 
 
 def sweep_models(cfg: RunConfig) -> list[str]:
@@ -147,11 +161,15 @@ def verdict(report: CheckReport, cfg: RunConfig, *, used: int | None = None, tra
     print(f"ok: training would use {n} samples{with_model}" + (f" ({'; '.join(held)})" if held else ""))
 
 
-def _plan_headline(cfg: RunConfig, rendered: Rendered) -> None:
+def _plan_headline(cfg: RunConfig, tally: Tally) -> None:
     """One line of `chattune plan`: peak memory and time per epoch for these samples on this machine."""
     d = cfg.data
+    a = tally.arrays()
+    keep = (a["total"] <= d.max_length) | (d.overlength == "truncate")  # DataSize.from_samples' rule
+    size = DataSize(np.minimum(a["total"][keep], d.max_length).tolist(),
+                    int((a["supervised"] - a["lost"])[keep].sum()), True)
     try:
-        plan = make_plan(cfg, DataSize.from_samples(rendered.full, d.max_length, d.overlength))
+        plan = make_plan(cfg, size)
     except ChattuneError as exc:  # the data is fine; only the estimate could not be made
         log.warning("no memory plan: %s", exc.what)
         return
