@@ -27,6 +27,7 @@ from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.formats import Conversation
 from chattune.data.render import ChatRenderer, render_all
 from chattune.model.load import load_model, load_tokenizer
+from chattune.model.compiled_norms import compile_norms
 from chattune.model.lora import apply_lora
 from chattune.model.packed_attention import use_packed_attention
 from chattune.model.sources import resolve_model_dir
@@ -101,6 +102,7 @@ def chattune(model_dir, rows, steps: int, max_length: int, batch: int, accum: in
     model = apply_lora(model, LoraConfig(r=8, alpha=32, dropout=0.1, target_modules=TARGETS), gradient_checkpointing=False)
     model.config.use_cache = False
     use_packed_attention(model)
+    compile_norms(model)
     clock = StepClock()
     counted = []
     collate = make_collate(True, tok.pad_token_id)

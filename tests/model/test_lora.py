@@ -184,3 +184,26 @@ def test_checkpointing_is_switched_on_without_the_deprecated_alias(tiny_model_di
     peft_model.train()
     peft_model(input_ids=ids, labels=ids).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+def test_shared_mask_rescale_rides_on_the_lora_scaling(tiny_model_dir):
+    """Our adapter with dropout: base + scaling * ((x * keep * 1/(1-p)) A^T) B^T, the same mask as keep_mask draws."""
+    from chattune.model.lora import FusedScaleAdd, keep_mask
+
+    model = apply_lora(tiny(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.3), gradient_checkpointing=False)
+    layer = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert isinstance(layer.lora_variant["default"], FusedScaleAdd)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    B.data.normal_(0, 0.1)
+    model.train()
+    x = torch.randn(3, 7, A.shape[1], requires_grad=True)
+    torch.manual_seed(5)
+    ours = layer(x)
+    grads = torch.autograd.grad(ours.sum(), (x, A, B))
+    torch.manual_seed(5)
+    keep, scale = keep_mask(x.shape, 0.3, x.device)
+    xr, Ar, Br = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    ref = layer.base_layer(xr) + ((xr * keep * scale) @ Ar.t()) @ Br.t() * layer.scaling["default"]
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), (xr, Ar, Br))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

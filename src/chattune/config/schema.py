@@ -147,6 +147,9 @@ class TrainConfig(_Section):
         "auto", description="recompute activations to save memory; auto = on for models over 1B parameters"
     )
     padding_free: bool = Field(True, description="flatten each batch without padding (exact sequence boundaries)")
+    compiled_norms: bool = Field(
+        True, description="training on a CPU: compile the RMSNorm layers with torch.compile (hidden size >= 256; falls back to eager if it cannot)"
+    )
     sampling: Literal["random", "group_by_length"] = Field(
         "random", description="sample order: random, or group_by_length (batches of similar lengths: little padding when padding_free=false)"
     )

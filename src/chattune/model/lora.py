@@ -79,15 +79,26 @@ class SharedDropout(torch.nn.Module):
         self.slot = slot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout as torch's: kept inputs scaled by 1 / (1 - p) (peft's own LoRA forward calls this)."""
+        masked, scale = self.masked(x)
+        return masked if scale == 1.0 else masked * scale
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with the dropped inputs zeroed, the rescale still owed): what FusedScaleAdd folds into its addmm.
+
+        On a CPU, x * keep is exact and one pass each way (the backward is grad * keep), where
+        torch.where(keep, x, 0) * scale took two passes forward and two back, at about twice the cost; the
+        1 / (1 - p) then rides on the adapter's rank-r output as part of the LoRA scaling, for free.
+        """
         if not self.training or self.p == 0:
-            return x
+            return x, 1.0
         if self.slot.get("input") is x and self.slot.get("version") == x._version:
             return self.slot["output"]
         if x.device.type == "cpu":
             keep, scale = keep_mask(x.shape, self.p, x.device)
-            out = torch.where(keep, x, 0) * scale  # one rounding, as F.dropout; no bool -> bf16 mask copy
+            out = (x * keep, scale)
         else:
-            out = torch.nn.functional.dropout(x, self.p, True)
+            out = (torch.nn.functional.dropout(x, self.p, True), 1.0)
         self.slot.update(input=x, version=x._version, output=out)
         return out
 
@@ -155,7 +166,10 @@ class FusedScaleAdd:
     def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         lora_B = module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
-        h = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
+        dropout = module.lora_dropout[active_adapter]
+        x, owed = dropout.masked(x) if isinstance(dropout, SharedDropout) else (dropout(x), 1.0)
+        h = module.lora_A[active_adapter](x)
+        scaling = scaling * owed  # s * ((x * keep) A^T): the same sum as ((x * keep * s) A^T), one rounding fewer
         mixed = not torch.is_autocast_enabled(result.device.type) and not h.dtype == lora_B.weight.dtype == result.dtype
         if mixed or hasattr(lora_B.weight, "ds_id"):  # ZeRO-3 gathers B only inside lora_B's own forward
             return result + lora_B(h) * scaling

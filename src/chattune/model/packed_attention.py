@@ -28,7 +28,8 @@ MATH_MAX_LEN tokens, its attention is computed as two batched matmuls with a
 float32 softmax in between (the arithmetic of transformers' eager attention,
 GQA heads grouped instead of repeated): forward and backward together take
 about a third of the flash kernel's time at 190 tokens. The score matrix it
-keeps for the backward grows with length², hence the limit.
+keeps for the backward grows with length², hence the limit. When every sample of the
+row is that short, the whole row is one autograd node (model/row_attention.py).
 
 Also here: check_padding_free, which refuses packed rows for a model whose own code
 (trust_remote_code) has an attention that would let the samples of a row see each other.
@@ -44,6 +45,7 @@ from typing import Any, Iterator
 import torch
 
 from chattune.errors import ModelError
+from chattune.model.row_attention import row_attention
 from chattune.model.varlen import deferred_sdpa_mask, resolve_mask, varlen_attention, varlen_fits
 
 NAME = "sdpa_packed"
@@ -177,8 +179,12 @@ def _per_sample_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     window = kwargs.pop("sliding_window", None)
     # split, not slicing: the backward of a slice zero-fills a whole-row gradient per sample, split's is one cat
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     matmul = _matmul_attention_fits(module, query, key, kwargs)
+    if matmul and max(lengths) <= MATH_MAX_LEN:  # the whole row in one autograd node (model/row_attention.py)
+        scale = kwargs.get("scaling")
+        return row_attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scale is None else scale,
+                             window, _hidden)
+    parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     outs = []
     for q, k, v in parts:
         n = q.shape[2]

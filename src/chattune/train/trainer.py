@@ -12,6 +12,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from chattune.config import RunConfig
 from chattune.data.collate import SampleDataset, make_collate
 from chattune.data.render import ChatRenderer
+from chattune.model.compiled_norms import compile_norms
 from chattune.model.load import cuda_has_native_bf16
 from chattune.model.lora import loraplus_optimizer
 from chattune.model.packed_attention import use_packed_attention
@@ -134,6 +135,8 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
     model.config.use_cache = False
     if cfg.train.padding_free:
         use_packed_attention(model)  # per-sample causal SDPA instead of one masked attention over the row
+    if cfg.train.compiled_norms:
+        compile_norms(model)  # CPU only: one fused loop per RMSNorm direction instead of ~20 passes
     counter = TokenCounter()
     collate = make_collate(cfg.train.padding_free, tokenizer.pad_token_id)
     pairs = cfg.train.method != "sft"

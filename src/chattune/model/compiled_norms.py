@@ -1,0 +1,70 @@
+"""The model's RMSNorm layers compiled (torch.compile, inductor) for training on a CPU.
+
+An RMSNorm as transformers writes it is eight tensor operations forward (a float32
+copy, square, mean, rsqrt, two products, the copy back) and about fifteen backward,
+each a full pass over [tokens, hidden] in float32. On two cores one norm's forward
+and backward took 3.6 ms at 1060 x 576, and the 61 norms of SmolLM2 about 8 % of a
+training step. inductor fuses each direction into one loop over the rows: 0.74 ms.
+
+The model's own forward is what gets compiled (Gemma's 1 + weight, Qwen's or GLM's
+variants alike), one graph per norm class shared by every layer, with dynamic
+shapes so that each batch's length reuses it. Only training calls take the compiled
+path: evaluation, probes and generation (no gradients) stay eager, so they never
+trigger a compilation of their own.
+
+If inductor cannot run here (no C++ compiler, an unsupported platform), the first
+call says so once and every norm goes back to its eager forward; training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("chattune")
+
+MIN_HIDDEN = 256  # below this (tiny test models) a norm costs less than compiling it
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+class _Compiled:
+    """One class's compiled forward, shared by its instances; eager for good after a failure."""
+
+    def __init__(self, eager: Callable[..., torch.Tensor]):
+        self.eager = eager
+        self.compiled = torch.compile(eager, dynamic=True)
+        self.failed = False
+
+    def __call__(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.failed or not (torch.is_grad_enabled() and module.training):
+            return self.eager(module, hidden_states, *args, **kwargs)
+        try:
+            return self.compiled(module, hidden_states, *args, **kwargs)
+        except Exception as exc:  # inductor's failures have no common base class
+            self.failed = True
+            log.warning("compiling the RMSNorm layers failed (%s: %s); they run eagerly (same results, slower)",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return self.eager(module, hidden_states, *args, **kwargs)
+
+
+def compile_norms(model: Any) -> int:
+    """Give every RMSNorm of a CPU model a compiled training forward; returns how many got one.
+
+    Nothing happens on other devices, or for hidden sizes under MIN_HIDDEN.
+    """
+    norms = [m for m in model.modules() if _is_rms_norm(m)]
+    if not norms or norms[0].weight.device.type != "cpu" or norms[0].weight.shape[-1] < MIN_HIDDEN:
+        return 0
+    shared: dict[type, _Compiled] = {}
+    for module in norms:
+        cls = type(module)
+        if cls not in shared:
+            shared[cls] = _Compiled(cls.forward)
+        module.forward = types.MethodType(shared[cls], module)
+    return len(norms)
