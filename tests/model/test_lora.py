@@ -104,6 +104,11 @@ def test_keep_mask_rate_and_rescale():
     out = x * keep_mask(x.shape, 0.3, x.device)[0] * keep_mask(x.shape, 0.3, x.device)[1]
     assert out.mean().item() == pytest.approx(1.0, abs=0.01), "expectation preserved"
     assert keep_mask(torch.Size([64]), 0.0, torch.device("cpu"))[0].all()
+    torch.manual_seed(3)
+    as_bool = keep_mask(torch.Size([70, 9]), 0.1, torch.device("cpu"))[0]
+    torch.manual_seed(3)
+    as_bf16 = keep_mask(torch.Size([70, 9]), 0.1, torch.device("cpu"), torch.bfloat16)[0]
+    assert as_bf16.dtype == torch.bfloat16 and torch.equal(as_bf16, as_bool.to(torch.bfloat16)), "the same draw, as 0/1"
 
 
 def test_dropout_gradient_flows_through_kept_positions_only(tiny_model_dir):

@@ -46,20 +46,24 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names - {"lm_head"})
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A Bernoulli(1 - p) keep mask and its rescale factor, drawn as 16-bit lanes of 64-bit random words.
+def keep_mask(shape: torch.Size, p: float, device: torch.device,
+              dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor, float]:
+    """A Bernoulli(1 - p) keep mask (True/1 = kept) and its rescale factor, drawn as 16-bit lanes of 64-bit random words.
 
     On CPUs torch's bernoulli_ spends one 32-bit draw and a float compare per
     element and costs more than the adapter's matmul; four 16-bit lanes per
     64-bit word are about 3.5x cheaper. p is rounded to a multiple of 1/65536
     (0.1 becomes 0.100006) and the rescale uses that exact p, so the expectation
-    is unchanged.
+    is unchanged. dtype: the mask as 0/1 of that dtype, written by the compare
+    itself (multiplying a bf16 tensor by a bool mask converts the mask on every
+    product, forward and backward: 4x the cost of a bf16 x bf16 product).
     """
     n = math.prod(shape)
     drop = round(p * 65536)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits random
     lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= drop - 32768, 65536 / (65536 - drop)
+    keep = torch.ge(lanes, drop - 32768, out=torch.empty(shape, dtype=dtype, device=device))
+    return keep, 65536 / (65536 - drop)
 
 
 class SharedDropout(torch.nn.Module):
@@ -86,8 +90,8 @@ class SharedDropout(torch.nn.Module):
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(x with the dropped inputs zeroed, the rescale still owed): what FusedScaleAdd folds into its addmm.
 
-        On a CPU, x * keep is exact and one pass each way (the backward is grad * keep), where
-        torch.where(keep, x, 0) * scale took two passes forward and two back, at about twice the cost; the
+        On a CPU, x * keep (keep: 0/1 in x's dtype) is exact and one pass each way (the backward is
+        grad * keep), where torch.where(keep, x, 0) * scale took two passes forward and two back; the
         1 / (1 - p) then rides on the adapter's rank-r output as part of the LoRA scaling, for free.
         """
         if not self.training or self.p == 0:
@@ -95,7 +99,7 @@ class SharedDropout(torch.nn.Module):
         if self.slot.get("input") is x and self.slot.get("version") == x._version:
             return self.slot["output"]
         if x.device.type == "cpu":
-            keep, scale = keep_mask(x.shape, self.p, x.device)
+            keep, scale = keep_mask(x.shape, self.p, x.device, x.dtype)
             out = (x * keep, scale)
         else:
             out = (torch.nn.functional.dropout(x, self.p, True), 1.0)
