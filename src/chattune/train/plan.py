@@ -5,7 +5,7 @@ Memory is the sum of parts, each from the model's shape and the config:
   LoRA         fp32 weights + gradients + two AdamW moments: 16 bytes a parameter
   activations  what autograd keeps per token and layer (ACT_PER_TOKEN below), for the largest batch;
                with gradient checkpointing only each layer's input, plus one layer recomputed
-  attention    the CPU's matmul attention keeps heads x length^2 fp32 scores per sample and layer
+  attention    the CPU's matmul attention keeps heads x length^2 probabilities per sample and layer
   logits       chattune computes lm_head only at supervised positions: logits, their gradient,
                and a float32 copy
   runtime      the process itself: Python, torch, transformers (CPU); the CUDA context (GPU)
@@ -37,7 +37,9 @@ ACT_PER_TOKEN = (7.7, 6.4, 3.85, 2.56)
 # 0.99, smollm2 b2 x 768 with checkpointing 0.97 here and 0.91 on the CI machine, gemma3-270m 1.06); 8 left the
 # checkpointed smollm2 run 16 % under on CI.
 LOGIT_BYTES = 10.0
-# The CPU's matmul attention keeps float32 scores and probabilities: 8 bytes per (head, query, key) (fitted 7.7).
+# The CPU's matmul attention keeps the probabilities per (head, query, key). A row whose samples all fit
+# MATMUL_ATTENTION_MAX is one RowAttention (model/row_attention.py): probabilities in the compute dtype only.
+# Otherwise the per-sample autograd version keeps float32 scores and probabilities: 8 bytes (fitted 7.7).
 SCORE_BYTES = 8
 RUNTIME = {"cpu": 0.58 * GIB, "cuda": 0.5 * GIB}
 MATMUL_ATTENTION_MAX = 384  # model/packed_attention.py: CPU samples up to this length keep their scores
@@ -89,7 +91,8 @@ def estimate(shape: Shape, s: Setting, *, r: int, targets: list[str] | str, batc
         activations = tokens * (shape.layers * shape.hidden * w + per_token_layer)
     else:
         activations = tokens * shape.layers * per_token_layer
-    scores = sum(n * n for n in lengths if n <= MATMUL_ATTENTION_MAX) * shape.heads * SCORE_BYTES
+    per_score = w if max(lengths) <= MATMUL_ATTENTION_MAX else SCORE_BYTES
+    scores = sum(n * n for n in lengths if n <= MATMUL_ATTENTION_MAX) * shape.heads * per_score
     attention = 0.0 if s.device != "cpu" else scores * (1 if s.gradient_checkpointing else shape.layers)
     supervised = tokens * supervised_fraction
     logits = supervised * shape.vocab * LOGIT_BYTES
