@@ -89,3 +89,20 @@ def test_a_packed_row_of_short_samples_takes_one_row_attention_per_layer(monkeyp
     monkeypatch.setattr(pa, "MATH_MAX_LEN", 30)  # the 41-token sample is too long: the per-sample loop
     pa._per_sample_attention(Layer(), q, k, v, BOUNDS, {"scaling": 0.25})
     assert calls == [BOUNDS]
+
+
+def test_under_checkpointing_the_probabilities_are_recomputed_not_kept():
+    """Every tensor the backward needs goes through save_for_backward, so checkpointing's hooks see them all."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, grad = _inputs(torch.float32)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        _run(_row(None), q, k, v, grad)
+    sizes = [(b - a) for a, b in zip(BOUNDS[:-1], BOUNDS[1:])]
+    # q, k, v, then one [kv_heads, group x n, n] probability matrix per sample (6 query heads over 2: group 3)
+    assert len(packed) == 3 + len(sizes) and [s[-2:] for s in packed[3:]] == [(3 * n, n) for n in sizes]
+    plain = _run(_row(None), q, k, v, grad)
+    recomputed = _run(lambda *t: checkpoint(_row(None), *t, use_reentrant=False), q, k, v, grad)
+    for a, b in zip(plain, recomputed):
+        assert torch.equal(a, b)

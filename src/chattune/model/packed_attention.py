@@ -177,13 +177,13 @@ def _per_sample_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     kwargs.pop("is_causal", None)
     window = kwargs.pop("sliding_window", None)
-    # split, not slicing: the backward of a slice zero-fills a whole-row gradient per sample, split's is one cat
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     matmul = _matmul_attention_fits(module, query, key, kwargs)
     if matmul and max(lengths) <= MATH_MAX_LEN:  # the whole row in one autograd node (model/row_attention.py)
         scale = kwargs.get("scaling")
         return row_attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scale is None else scale,
                              window, _hidden)
+    # split, not slicing: the backward of a slice zero-fills a whole-row gradient per sample, split's is one cat
     parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     outs = []
     for q, k, v in parts:

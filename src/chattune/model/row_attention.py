@@ -56,13 +56,15 @@ class RowAttention(torch.autograd.Function):
             p = torch.softmax(scores, dim=-1)
             out[a:b] = torch.bmm(p, v[:, a:b]).view(heads, n, dim).transpose(0, 1)
             probs.append(p)
-        ctx.save_for_backward(query, key, value)
-        ctx.bounds, ctx.scale, ctx.probs = bounds, scale, probs
+        # the probabilities go through save_for_backward too: under gradient checkpointing its hooks drop them
+        # after the forward and recompute them in the backward, where a ctx attribute would keep every layer's
+        ctx.save_for_backward(query, key, value, *probs)
+        ctx.bounds, ctx.scale = bounds, scale
         return out.unsqueeze(0)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        query, key, value = ctx.saved_tensors
+        query, key, value, *probs = ctx.saved_tensors
         q, k, v = query[0], key[0], value[0]
         heads, tokens, dim = q.shape
         kv_heads = k.shape[0]
@@ -70,7 +72,7 @@ class RowAttention(torch.autograd.Function):
         # so the transposes' backward in the model is a view, not a copy
         dq, dk, dv = (q.new_empty(tokens, h, dim) for h in (heads, kv_heads, kv_heads))
         g = grad_out[0]  # [T, heads, d]
-        for (a, b), p in zip(zip(ctx.bounds[:-1], ctx.bounds[1:]), ctx.probs):
+        for (a, b), p in zip(zip(ctx.bounds[:-1], ctx.bounds[1:]), probs):
             n = b - a
             go = _grouped_query(g[a:b].transpose(0, 1), kv_heads)  # [kv_heads, group * n, d]
             dv[a:b] = torch.bmm(p.transpose(1, 2), go).transpose(0, 1)
@@ -79,7 +81,6 @@ class RowAttention(torch.autograd.Function):
             qs = _grouped_query(q[:, a:b], kv_heads)
             dq[a:b] = torch.bmm(ds, k[:, a:b]).mul_(ctx.scale).view(heads, n, dim).transpose(0, 1)
             dk[a:b] = torch.bmm(qs.transpose(1, 2), ds).mul_(ctx.scale).permute(2, 0, 1)  # [d, n] per head -> [n, kv, d]
-        ctx.probs = None
         return (dq.permute(1, 0, 2).unsqueeze(0), dk.permute(1, 0, 2).unsqueeze(0), dv.permute(1, 0, 2).unsqueeze(0),
                 None, None, None, None)
 
