@@ -106,3 +106,17 @@ def test_under_checkpointing_the_probabilities_are_recomputed_not_kept():
     recomputed = _run(lambda *t: checkpoint(_row(None), *t, use_reentrant=False), q, k, v, grad)
     for a, b in zip(plain, recomputed):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_inputs_under_autocast_run_as_the_autograd_ops_would(dtype):
+    """fp32 q/k/v under low-precision autocast (fp16 training rotates in fp32): matmuls in the autocast dtype,
+    the output in it too, gradients back in fp32, close to the per-sample version under the same autocast."""
+    q, k, v, grad = _inputs(torch.float32, seed=2)
+    with torch.autocast("cpu", dtype=dtype):
+        ours = _run(_row(None), q, k, v, grad)
+        theirs = _run(_per_sample(None), q, k, v, grad)
+    assert ours[0].dtype == theirs[0].dtype == dtype
+    for name, a, b in zip(("output", "dq", "dk", "dv"), ours, theirs):
+        assert a.dtype == b.dtype, name
+        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max(), name

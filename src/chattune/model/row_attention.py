@@ -39,12 +39,14 @@ class RowAttention(torch.autograd.Function):
     """out[1, T, heads, d] = causal attention of each sample [a, b) of the row, keys and values from the same span."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # the backward runs under the forward's autocast, as autograd ops would
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], scale: float,
                 window: int | None, hidden: HiddenMask) -> torch.Tensor:
         q, k, v = query[0], key[0], value[0]  # [heads, T, d], [kv_heads, T, d]
         heads, tokens, dim = q.shape
         kv_heads = k.shape[0]
-        out = query.new_empty(tokens, heads, dim)
+        autocast = torch.is_autocast_enabled("cpu")  # fp32 q/k/v (e.g. after fp32 RoPE tables) under fp16 autocast
+        out = query.new_empty(tokens, heads, dim, dtype=torch.get_autocast_dtype("cpu") if autocast else query.dtype)
         probs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             n = b - a
@@ -63,6 +65,7 @@ class RowAttention(torch.autograd.Function):
         return out.unsqueeze(0)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor):
         query, key, value, *probs = ctx.saved_tensors
         q, k, v = query[0], key[0], value[0]
