@@ -236,10 +236,15 @@ def fates_of(total: np.ndarray, first: np.ndarray, max_length: int, overlength: 
         return []
     lo, width = hist[0][0], hist[0][1] - hist[0][0]
     kept = total <= max_length
-    dropped = ~kept & ((first >= max_length) | (overlength == "drop"))
+    dropped = dropped_at(total, first, max_length, overlength)
     binned = (total - lo) // width
     split = [np.bincount(binned[mask], minlength=len(hist)) for mask in (kept, ~kept & ~dropped, dropped)]
     return [(a, b, int(k), int(t), int(d)) for (a, b, _), k, t, d in zip(hist, *split)]
+
+
+def dropped_at(total: np.ndarray, first: np.ndarray, max_length: int, overlength: str) -> np.ndarray:
+    """Per sample, from its length and first supervised position: whether training drops it (fate() == "dropped")."""
+    return (total > max_length) & ((first >= max_length) | (overlength == "drop"))
 
 
 def summary(values: Sequence[int] | np.ndarray) -> dict[str, float]:

@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from chattune.config import RunConfig
-from chattune.data.check import CheckReport, FileReport, fates_of, histogram, iter_conversations, summary
+from chattune.data.check import (CheckReport, FileReport, dropped_at, fates_of, histogram, iter_conversations,
+                                 summary)
 from chattune.data.formats import Conversation
 from chattune.data.render import IGNORE, RENDER_CHUNK, ChatRenderer, RenderStats, Sample, apply_max_length, merge_stats
 
@@ -168,4 +169,4 @@ def streamed_report(cfg: RunConfig, scanned: Scan, tally: Tally, groups: tuple[l
 def dropped(tally: Tally) -> np.ndarray:
     """Per sample: whether training drops it at max_length (check.fate() == "dropped")."""
     a = tally.arrays()
-    return (a["total"] > tally.max_length) & ((a["first"] >= tally.max_length) | (tally.overlength == "drop"))
+    return dropped_at(a["total"], a["first"], tally.max_length, tally.overlength)
