@@ -41,7 +41,7 @@ def _per_sample(window):
 
 
 def _row(window):
-    return lambda q, k, v: row_attention(q, k, v, BOUNDS, 0.25, window, pa._hidden)
+    return lambda q, k, v: row_attention(q, k, v, BOUNDS, 0.25, window)
 
 
 @pytest.mark.parametrize("window", [None, 9])

@@ -45,11 +45,10 @@ from typing import Any, Iterator
 import torch
 
 from chattune.errors import ModelError
-from chattune.model.row_attention import row_attention
+from chattune.model.row_attention import MATH_MAX_LEN, causal_scores, hidden_mask, row_attention
 from chattune.model.varlen import deferred_sdpa_mask, resolve_mask, varlen_attention, varlen_fits
 
 NAME = "sdpa_packed"
-MATH_MAX_LEN = 384  # samples up to this length use the matmul attention when training on a CPU
 _BOUNDARY_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _last: list[Any] = [None, None]  # (cu_seq_lens tensor, its list): one conversion per forward, not per layer
 
@@ -58,23 +57,6 @@ def _boundaries(cu: torch.Tensor) -> list[int]:
     if _last[0] is not cu:
         _last[0], _last[1] = cu, cu.tolist()
     return _last[1]
-
-
-_future: dict[tuple[torch.device, int | None], torch.Tensor] = {}
-
-
-def _hidden(n: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """Boolean [n, n] mask of the keys a query may not see: the future, and with a sliding window W every key
-    W or more positions back (transformers' window: a query sees itself and the W-1 keys before it).
-    One per device and window, sliced for shorter samples (the pattern only depends on i - j)."""
-    cached = _future.get((device, window))
-    if cached is None or cached.shape[0] < n:
-        size = max(n, MATH_MAX_LEN)
-        cached = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
-        if window is not None:
-            cached |= torch.ones(size, size, dtype=torch.bool, device=device).tril(-window)
-        _future[(device, window)] = cached
-    return cached[:n, :n]
 
 
 def _softmax_fp32(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -94,11 +76,7 @@ def causal_matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     kv_heads = key.shape[1]
     group = heads // kv_heads
     q = query.reshape(kv_heads, group * length, dim)
-    scale = dim ** -0.5 if scaling is None else scaling
-    scores = torch.baddbmm(q.new_empty(()).expand(kv_heads, group * length, length), q, key[0].transpose(1, 2),
-                           beta=0.0, alpha=scale)  # scaling inside the matmul: one rounding, as SDPA's
-    hidden = _hidden(length, window if window is not None and window < length else None, query.device)
-    scores.view(kv_heads, group, length, length).masked_fill_(hidden, float("-inf"))
+    scores = causal_scores(q, key[0], dim ** -0.5 if scaling is None else scaling, window)
     probs = _softmax_fp32(scores, query.dtype)
     out = torch.bmm(probs, value[0])  # [kv_heads, group * T, d]
     return out.view(heads, length, dim).transpose(0, 1).unsqueeze(0)
@@ -180,9 +158,7 @@ def _per_sample_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     matmul = _matmul_attention_fits(module, query, key, kwargs)
     if matmul and max(lengths) <= MATH_MAX_LEN:  # the whole row in one autograd node (model/row_attention.py)
-        scale = kwargs.get("scaling")
-        return row_attention(query, key, value, bounds, query.shape[-1] ** -0.5 if scale is None else scale,
-                             window, _hidden)
+        return row_attention(query, key, value, bounds, kwargs.get("scaling"), window)
     # split, not slicing: the backward of a slice zero-fills a whole-row gradient per sample, split's is one cat
     parts = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     outs = []
@@ -193,7 +169,7 @@ def _per_sample_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         elif window is None or n <= window:  # the window reaches the whole sample: plain causal
             outs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
         else:  # SDPA has no window argument: the band as an explicit mask (True = may attend)
-            band = ~_hidden(n, window, q.device)
+            band = ~hidden_mask(n, window, q.device)
             outs.append(sdpa_attention_forward(module, q, k, v, band[None, None], is_causal=False, **kwargs)[0])
     return torch.cat(outs, dim=1)  # [1, tokens, heads, head_dim], as sdpa_attention_forward returns
 

@@ -42,7 +42,7 @@ LOGIT_BYTES = 10.0
 # Otherwise the per-sample autograd version keeps float32 scores and probabilities: 8 bytes (fitted 7.7).
 SCORE_BYTES = 8
 RUNTIME = {"cpu": 0.58 * GIB, "cuda": 0.5 * GIB}
-MATMUL_ATTENTION_MAX = 384  # model/packed_attention.py: CPU samples up to this length keep their scores
+MATMUL_ATTENTION_MAX = 384  # model/row_attention.py's MATH_MAX_LEN: CPU samples up to this length keep their scores
 
 
 @dataclass(frozen=True)
