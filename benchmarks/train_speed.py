@@ -42,6 +42,7 @@ from chattune.model.packed_attention import use_packed_attention
 from chattune.model.sources import resolve_model_dir
 from chattune.train.trainer import ChattuneTrainer
 
+REF_BATCH, REF_ACCUM = 4, 4  # the tutorials' split of the 16 samples of a step
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -59,14 +60,17 @@ class StepClock:
 
             def on_step_end(self, args, state, control, **kw):
                 clock.step_seconds.append(time.perf_counter() - clock._t)
-                clock.seconds += clock.step_seconds[-1]
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     clock.losses.append(logs["loss"])
 
-        self.seconds, self.step_seconds, self.losses, self._t = 0.0, [], [], 0.0
+        self.step_seconds, self.losses, self._t = [], [], 0.0
         self.callback = _CB()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
 
 
 def args_for(out: str, batch: int, accum: int, steps: int, gc: bool):
@@ -90,7 +94,7 @@ def reference(model_dir, rows, steps: int, max_length: int):
     model.enable_input_require_grads()
     model = get_peft_model(model, PeftLora(task_type="CAUSAL_LM", target_modules=TARGETS, r=8, lora_alpha=32, lora_dropout=0.1))
     clock = StepClock()
-    trainer = Trainer(model=model, args=args_for("/tmp/bench-ref", 4, 4, steps, True), train_dataset=feats,
+    trainer = Trainer(model=model, args=args_for("/tmp/bench-ref", REF_BATCH, REF_ACCUM, steps, True), train_dataset=feats,
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True), callbacks=[clock.callback])
     processed = []
     collate = trainer.data_collator
@@ -136,7 +140,7 @@ def run_side(side: str, args) -> dict:
     model_dir = resolve_model_dir("smollm2-135m")
     if side == "reference":
         per_batch, total, clock = reference(model_dir, rows, steps, args.max_length)
-        accum = 4
+        accum = REF_ACCUM
     else:
         accum = 16 // args.batch
         per_batch, total, clock = chattune(model_dir, rows, steps, args.max_length, args.batch, accum)

@@ -63,6 +63,13 @@ def test_known_shapes_have_the_published_sizes(name, billions):
     assert known_shape(name).params / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+def test_the_attention_length_limit_is_the_one_training_uses():
+    """plan.py stays torch-free, so it keeps its own copy of model/row_attention.py's MATH_MAX_LEN: they must agree."""
+    from chattune.model.row_attention import MATH_MAX_LEN
+
+    assert est.MATMUL_ATTENTION_MAX == MATH_MAX_LEN
+
+
 def test_each_knob_moves_the_estimate_the_right_way():
     shape = from_numbers(896, 4864, 24, 14, 2, 151936, True)
     base = est.estimate(shape, _setting(), r=8, targets="all-linear")

@@ -145,12 +145,10 @@ def finish(run_dir: RunDir, result: Any, clock: WallClock, model_info: dict[str,
     }
     clock.record()
     write_json(run_dir.summary, summary)
-    if losses:
-        log.info("done: %d steps in %.0fs, loss %s -> %s", summary["global_step"], summary["wall_s"],
-                 _fmt(summary["first_loss"]), _fmt(summary["final_loss"]))
-    else:  # fewer steps than train.logging_steps: no step was logged, the Trainer's mean loss is all there is
-        log.info("done: %d steps in %.0fs, mean loss %s (no step was logged: the run is shorter than "
-                 "train.logging_steps)", summary["global_step"], summary["wall_s"], _fmt(summary["train_loss"]))
+    # fewer steps than train.logging_steps: no step was logged, the Trainer's mean loss is all there is
+    loss = (f"loss {_fmt(summary['first_loss'])} -> {_fmt(summary['final_loss'])}" if losses else
+            f"mean loss {_fmt(summary['train_loss'])} (no step was logged: the run is shorter than train.logging_steps)")
+    log.info("done: %d steps in %.0fs, %s", summary["global_step"], summary["wall_s"], loss)
     if evals:
         log.info("eval: loss %s -> %s, perplexity %s", _fmt(evals[0]["eval_loss"]), _fmt(evals[-1]["eval_loss"]),
                  _fmt(evals[-1]["eval_ppl"]))
