@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -66,6 +67,12 @@ def test_only_training_calls_take_the_compiled_path(monkeypatch):
     model.eval()
     model(x)
     assert len(calls) == 2, "evaluation and generation stay eager"
+    model.train()
+    model(torch.randn(1, 5, 256))
+    assert len(calls) == 2, "frozen weights and an input without gradient: no backward to fuse, eager"
+    model.a.weight.requires_grad_(True)
+    model(torch.randn(1, 5, 256))
+    assert len(calls) == 4, "a trained norm weight has a backward: both norms compiled"
 
 
 def test_a_failing_compiler_falls_back_to_eager_once_with_a_warning(monkeypatch, caplog):
@@ -93,3 +100,42 @@ def test_tiny_models_and_other_devices_are_left_alone():
     model = Two(256, torch.float32)
     assert cn.compile_norms(torch.nn.Linear(4, 4)) == 0
     assert cn.compile_norms(model) == 2 and "forward" in model.a.__dict__
+
+
+def test_the_cpu_isa_probe_runs_once_on_a_thread_and_the_first_compiled_call_waits_for_it(monkeypatch):
+    from torch._inductor import cpu_vec_isa
+
+    order, release = [], threading.Event()
+
+    def slow_probe():  # stands in for inductor's ten child processes
+        assert release.wait(10)
+        order.append("probe")
+
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", slow_probe)
+    monkeypatch.setattr(cn, "_probe", None)
+    cn.probe_cpu_in_background()
+    thread = cn._probe
+    assert thread is not None and thread.is_alive() and thread.daemon, "the caller goes on while the probe runs"
+    cn.probe_cpu_in_background()
+    assert cn._probe is thread, "once per process"
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a, **k: order.append("compiled") or fn(*a, **k)))
+    model = Two(256, torch.float32)
+    cn.compile_norms(model)
+    threading.Timer(0.2, release.set).start()
+    model(torch.randn(1, 5, 256, requires_grad=True))
+    assert order == ["probe", "compiled", "compiled"]
+
+
+def test_a_failing_background_probe_is_silent_and_leaves_the_compiled_path_to_report(monkeypatch):
+    from torch._inductor import cpu_vec_isa
+
+    def broken():
+        raise OSError("no C++ compiler")
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", broken)
+    monkeypatch.setattr(cn, "_probe", None)
+    cn.probe_cpu_in_background()
+    cn.wait_for_probe()
+    assert not cn._probe.is_alive() and seen == [], "no traceback from the thread"

@@ -72,6 +72,23 @@ def test_train_passes_the_training_placement_to_load_model(tmp_path, tiny_model_
     assert seen == {"device_map": None}
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_train_starts_the_cpu_isa_probe_before_loading_when_norms_compile(tmp_path, tiny_model_dir, monkeypatch, compiled):
+    from chattune.verbs import train as train_run
+
+    events = []
+
+    def fake_load_model(*args, **kwargs):
+        events.append("load")
+        raise ModelError("stop here")
+
+    monkeypatch.setattr(train_run, "probe_cpu_in_background", lambda: events.append("probe"))
+    monkeypatch.setattr(train_run, "load_model", fake_load_model)
+    overrides = [f"train.compiled_norms={str(compiled).lower()}"]
+    assert cli.main(["train", str(tiny_config(tmp_path, tiny_model_dir)), *overrides]) == 2
+    assert events == (["probe", "load"] if compiled and not torch.cuda.is_available() else ["load"])
+
+
 def test_session_passes_model_device_map(tmp_path, tiny_model_dir, monkeypatch):
     from chattune.infer import session as session_mod
 

@@ -8,10 +8,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import set_seed
 
 from chattune.config import RunConfig
 from chattune.data.render import ChatRenderer
+from chattune.model.compiled_norms import probe_cpu_in_background
 from chattune.model.cpu_threads import busy_cpu_advice
 from chattune.model.load import count_parameters, keep_fp16_training_stable, load_model, load_tokenizer, resolve_dtype
 from chattune.model.lora import apply_lora, load_trained_adapter, start_adapter_dir
@@ -57,6 +59,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, resume
 
 def train_into(cfg: RunConfig, run_dir: RunDir, *, resume: bool, resume_force: bool) -> RunDir:
     """The training itself, into an opened (and locked) run directory."""
+    if cfg.train.compiled_norms and not torch.cuda.is_available():
+        probe_cpu_in_background()  # inductor's CPU check (child processes) runs while the model and data load
     checkpoint = resume_mod.plan_resume(run_dir, resume=resume)  # None: a fresh start
     clock = records.WallClock(run_dir, resumed=checkpoint is not None)  # wall_s counts every part of the run
     model_dir = base_model_dir(cfg)
