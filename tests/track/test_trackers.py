@@ -65,6 +65,8 @@ def test_only_the_main_process_tracks(tmp_path, monkeypatch):
 def test_metric_rows_use_the_tutorial_names():
     assert train_scalars(ROW) == {"train/loss": 1.5, "train/grad_norm": 0.25, "train/learning_rate": 1e-3,
                                   "train/epoch": 0.75, "train/tokens_per_s": 99.0}
+    on_gpu = {**ROW, "mfu": 0.41, "peak_mem_gib": 12.5}  # gpu_stats' keys, on a CUDA device only
+    assert train_scalars(on_gpu) == {**train_scalars(ROW), "train/mfu": 0.41, "train/peak_mem_gib": 12.5}
     rec = Recorder()
     rec.log_row(ROW, 3)
     rec.log_row({"step": 4, "epoch": 1.0, "eval_loss": 2.0, "eval_ppl": 7.39}, 4)

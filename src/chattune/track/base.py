@@ -23,6 +23,8 @@ TRAIN_KEYS = {
     "learning_rate": "train/learning_rate",
     "epoch": "train/epoch",
     "tokens_per_s": "train/tokens_per_s",
+    "mfu": "train/mfu",  # these two on a GPU only (train/throughput.py: gpu_stats)
+    "peak_mem_gib": "train/peak_mem_gib",
 }
 PREDICTION_KEY = "Prediction"
 

@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from chattune.data.formats import Conversation
-from chattune.data.render import ChatRenderer
+from chattune.data.render import IGNORE, ChatRenderer
 from chattune.infer.generate import generate_batch
 from chattune.files import append_jsonl, write_jsonl
-from chattune.train.processes import process_count, sum_over_processes
+from chattune.train.processes import sum_over_processes
 from chattune.train.throughput import gpu_stats
 
 
@@ -27,31 +27,36 @@ class TokenCounter:
 
     def __init__(self) -> None:
         self.tokens = 0
+        self.supervised = 0  # positions whose next token is a label: where the loss computes logits
 
     def add(self, inputs: dict) -> None:
         """Add one batch: tokens under the attention mask, or all of them for padding-free batches."""
         mask = inputs.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        labels = inputs.get("labels")
+        if labels is not None:
+            self.supervised += int((labels[:, 1:] != IGNORE).sum())
 
 
 class ProgressAndMetrics(TrainerCallback):
     """A progress bar with loss and tokens/s, and one metrics.jsonl line per logging step."""
 
     def __init__(self, metrics_path: Path, counter: TokenCounter, sinks: Sequence[Callable[[dict, int], None]] = (),
-                 flops_per_token: float = 0.0):
+                 step_flops: Callable[[int, int], float] | None = None):
+        """step_flops: model FLOPs for (tokens, supervised positions), for the MFU on a GPU (train/throughput.py)."""
         self.metrics_path = metrics_path
-        self.flops_per_token = flops_per_token
+        self.step_flops = step_flops
         self.counter = counter
         self.sinks = list(sinks)
         self.bar = None
         self._step_started = 0.0
         self._train_time = 0.0  # seconds inside optimizer steps since the last log (probes excluded)
-        self._tokens0 = 0
+        self._tokens0 = self._supervised0 = 0
 
     def on_train_begin(self, args, state, control, **kw):
         if state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True)
-        self._train_time, self._tokens0 = 0.0, self.counter.tokens
+        self._train_time, self._tokens0, self._supervised0 = 0.0, self.counter.tokens, self.counter.supervised
 
     def on_step_begin(self, args, state, control, **kw):
         self._step_started = time.perf_counter()
@@ -68,8 +73,11 @@ class ProgressAndMetrics(TrainerCallback):
         # The batches of the step being logged were collated before on_step_begin fired, so
         # counting tokens here and time inside steps measures the same steps.
         # Several processes: tokens/s counts the tokens of all of them (MFU below stays per device).
-        tps = sum_over_processes(self.counter.tokens - self._tokens0) / max(self._train_time, 1e-9)
-        self._train_time, self._tokens0 = 0.0, self.counter.tokens
+        seconds = max(self._train_time, 1e-9)
+        tokens, supervised = self.counter.tokens - self._tokens0, self.counter.supervised - self._supervised0
+        tps = sum_over_processes(tokens) / seconds
+        flops_per_s = self.step_flops(tokens, supervised) / seconds if self.step_flops else 0.0
+        self._train_time, self._tokens0, self._supervised0 = 0.0, self.counter.tokens, self.counter.supervised
         row = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),
@@ -77,7 +85,7 @@ class ProgressAndMetrics(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "learning_rate": logs.get("learning_rate"),
             "tokens_per_s": round(tps, 1),
-            **gpu_stats(tps / process_count(), self.flops_per_token),
+            **gpu_stats(flops_per_s),  # this process's tokens: MFU per device
             **{k: v for k, v in logs.items() if "/" in k},  # preference tuning: rewards/chosen, rewards/accuracies, ...
         }
         if state.is_world_process_zero:

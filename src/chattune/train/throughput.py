@@ -7,7 +7,7 @@ FLOPs for N parameters) plus the backward pass through the activations (another
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,29 +42,29 @@ def _weights(model: Any) -> tuple[int, int, int, bool]:
     return n, n_emb, n_head, tied
 
 
-def lora_flops_per_token(model: Any) -> float:
-    """4 x parameters that take part in the forward pass (input embeddings are lookups, not matmuls).
-
-    A bitsandbytes 4-bit weight counts as the weights it holds, not its packed bytes (two per byte).
-    """
-    n, n_emb, _, tied = _weights(model)
-    return 4.0 * (n if tied else n - n_emb)  # a tied table is the head's matmul: counted once
-
-
 def lora_step_flops(model: Any, tokens: int, supervised: int) -> float:
     """FLOPs of one LoRA step on the 4N basis as chattune runs it: every token through the body, the output
     head only at the supervised positions (train/loss.py computes no logits elsewhere)."""
+    return step_flops_counter(model)(tokens, supervised)
+
+
+def step_flops_counter(model: Any) -> Callable[[int, int], float]:
+    """lora_step_flops for this model as a function of (tokens, supervised), its weights counted once.
+
+    Input embeddings are lookups, not matmuls; a tied head is the table's one matmul, counted once.
+    A bitsandbytes 4-bit weight counts as the weights it holds, not its packed bytes (two per byte).
+    """
     n, n_emb, n_head, tied = _weights(model)
     body = n - n_emb - (0 if tied else n_head)
-    return 4.0 * (body * tokens + n_head * supervised)
+    return lambda tokens, supervised: 4.0 * (body * tokens + n_head * supervised)
 
 
-def gpu_stats(tokens_per_s: float, flops_per_token: float) -> dict[str, float]:
-    """{'mfu', 'peak_mem_gib'} on a CUDA device; empty on CPU."""
+def gpu_stats(flops_per_s: float) -> dict[str, float]:
+    """{'mfu', 'peak_mem_gib'} on a CUDA device (MFU from this device's model FLOP/s); empty on CPU."""
     if not torch.cuda.is_available():
         return {}
     out = {"peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     peak = peak_flops(torch.cuda.get_device_name())
     if peak:
-        out["mfu"] = round(tokens_per_s * flops_per_token / peak, 4)
+        out["mfu"] = round(flops_per_s / peak, 4)
     return out

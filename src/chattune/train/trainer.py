@@ -26,7 +26,7 @@ from chattune.train.engines import DistributedReport, shards_weights, training_a
 from chattune.train.inputs import TrainingData
 from chattune.train.loss import keep_logits_dtype, supervised_loss
 from chattune.train.preference import PairDataset, PreferenceObjective, pair_collate, reference_logps
-from chattune.train.throughput import lora_flops_per_token
+from chattune.train.throughput import step_flops_counter
 
 
 class ChattuneTrainer(Trainer):
@@ -164,7 +164,7 @@ def build_trainer(cfg: RunConfig, run_dir: RunDir, model: Any, tokenizer: Any, d
     # Before the probes: the trackers' run must be open when the base model's answers arrive.
     trainer.add_callback(TrackingCallback(trackers, lambda: run_info(cfg, run_dir)))
     trainer.add_callback(ProgressAndMetrics(run_dir.metrics, counter, sinks=[t.log_row for t in trackers],
-                                            flops_per_token=lora_flops_per_token(model)))
+                                            step_flops=step_flops_counter(model)))
     trainer.add_callback(PredictionProbes(data.probes, renderer, run_dir.predictions,
                                           max_new_tokens=cfg.tracking.probe_max_new_tokens,
                                           sinks=[t.log_predictions for t in trackers],
