@@ -57,6 +57,17 @@ def reference(rows: list[dict[str, str]], model_dir: Path, tok, end_id: int, whi
     return seen, seconds, f"!!! {loud}"
 
 
+def import_what_train_has_imported() -> None:
+    """The libraries `chattune train` has loaded before it tokenises, so that neither side's time holds imports.
+
+    pyarrow imports pandas on its first array (0.2-0.4 s here); in `chattune train` transformers' Trainer has
+    imported it long before. The reference's seconds count its encoding loop only, not its imports, either.
+    """
+    import pyarrow as pa
+
+    pa.array([0], pa.int32())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=3729)
@@ -75,6 +86,7 @@ def main() -> None:
     convs = [Conversation([{"role": "system", "content": SYSTEM},
                            {"role": "user", "content": r["instruction"] + r["input"]},
                            {"role": "assistant", "content": r["output"]}], f"row {i}") for i, r in enumerate(rows)]
+    import_what_train_has_imported()
     with tempfile.TemporaryDirectory() as cache_dir:
         run = lambda: render_cached(ChatRenderer(tok), convs, cache_dir=Path(cache_dir), max_length=MAX_LENGTH)  # noqa: E731
         (ours, _, hit1), ours_s = timed(run)
