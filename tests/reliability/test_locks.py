@@ -1,4 +1,4 @@
-"""One writer per output: a second `chattune train` (or predict, merge) into an output a live process is writing
+"""One writer per output: a second `chattune train` (or predict, merge, export, eval) into an output a live process is writing
 is refused naming its pid and host; a lock left by a dead process is taken over with a message."""
 
 from __future__ import annotations
@@ -87,6 +87,23 @@ def test_predict_out_is_locked_by_a_live_process(tmp_path, baseline, capsys):
         release(holder)
     assert rc == 2 and f"pid {holder.pid}" in err and "chattune predict" in err, err
     assert not out.exists()
+
+
+def test_an_eval_result_is_locked_by_a_live_process(tmp_path, baseline, capsys):
+    # Two evals under one --name would interleave one result's two files; the second is refused before loading.
+    result = baseline / "eval" / "held.json"
+    argv = ["eval", str(baseline), "--data", str(FIX / "alpaca.json"), "--name", "held", "--limit", "2",
+            "--max-new-tokens", "4"]
+    holder = hold_lock(result, "chattune eval")
+    try:
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+    finally:
+        release(holder)
+    assert rc == 2 and f"pid {holder.pid}" in err and "chattune eval" in err, err
+    assert not result.exists()
+    assert cli.main(argv) == 0 and result.exists()
+    assert not lock_path(result).exists(), "the lock goes with the eval that held it"
 
 
 def test_a_live_lock_names_pid_host_and_purpose(tmp_path):

@@ -50,9 +50,14 @@ def predictions_path(rd: RunDir, name: str) -> Path:
     return rd.root / "eval" / f"{name}.predictions.jsonl"
 
 
+def result_path(rd: RunDir, name: str) -> Path:
+    """RUN_DIR/eval/<name>.json"""
+    return rd.root / "eval" / f"{name}.json"
+
+
 def save(rd: RunDir, name: str, record: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> Path:
     """Write the predictions (JSON lines) and the result (JSON); returns the result's path."""
-    out = rd.root / "eval" / f"{name}.json"
+    out = result_path(rd, name)
     write_jsonl(predictions_path(rd, name), predictions)
     write_json(out, record)
     return out

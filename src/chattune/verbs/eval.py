@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 from chattune.errors import ConfigError
 from chattune.evaluate.metrics import parse_metrics
-from chattune.evaluate.results import common_fields, log_to_trackers, open_trackers, predictions_path, save
+from chattune.evaluate.results import common_fields, log_to_trackers, open_trackers, predictions_path, result_path, save
 from chattune.evaluate.likelihood import loss_task, preference_task
 from chattune.evaluate.tasks import EvalTask, generation_task, mcq_task, variants
 from chattune.infer.session import load_session
-from chattune.rundir import RunDir
+from chattune.rundir import RunDir, run_lock
 from chattune.options import EVAL
 
 log = logging.getLogger("chattune")
@@ -52,17 +53,20 @@ def run(run_dir: str | Path, *, data: str | None = EVAL.data, mcq: str | None = 
         if any(t.name == pref_name for t in tasks):
             pref_name += "-preference"
         tasks.append(preference_task(preference, cfg, limit=limit, name=pref_name, batch_size=batch_size))
-    trackers = {task.name: open_trackers(cfg, rd, task.name) for task in tasks}
-    log.info("loading %s with the adapter of %s", cfg.model.name_or_path, rd.root)
-    session = load_session(rd.root)
-    written = []
-    for task in tasks:
-        record, predictions = task.evaluate(session, variants(session, compare_base))
-        record.update(common_fields(task, rd, cfg, compare_base))
-        written.append(save(rd, task.name, record, predictions))
-        task.show(record, predictions)
-        log_to_trackers(trackers[task.name], rd, record)
-        log.info("wrote %s and %s", written[-1], predictions_path(rd, task.name))
+    with ExitStack() as locks:  # before the model loads: a second eval writing the same result files is refused
+        for task in tasks:
+            locks.enter_context(run_lock(result_path(rd, task.name), "chattune eval"))
+        trackers = {task.name: open_trackers(cfg, rd, task.name) for task in tasks}
+        log.info("loading %s with the adapter of %s", cfg.model.name_or_path, rd.root)
+        session = load_session(rd.root)
+        written = []
+        for task in tasks:
+            record, predictions = task.evaluate(session, variants(session, compare_base))
+            record.update(common_fields(task, rd, cfg, compare_base))
+            written.append(save(rd, task.name, record, predictions))
+            task.show(record, predictions)
+            log_to_trackers(trackers[task.name], rd, record)
+            log.info("wrote %s and %s", written[-1], predictions_path(rd, task.name))
     return written
 
 
