@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from chattune.data.formats import Conversation
-from chattune.data.render import IGNORE, ChatRenderer
+from chattune.data.render import ChatRenderer
 from chattune.infer.generate import generate_batch
 from chattune.files import append_jsonl, write_jsonl
 from chattune.train.processes import sum_over_processes
+from chattune.train.loss import predicts_label
 from chattune.train.throughput import gpu_stats
 
 
@@ -27,7 +28,7 @@ class TokenCounter:
 
     def __init__(self) -> None:
         self.tokens = 0
-        self.supervised = 0  # positions whose next token is a label: where the loss computes logits
+        self.supervised = 0  # positions whose next token is a label
 
     def add(self, inputs: dict) -> None:
         """Add one batch: tokens under the attention mask, or all of them for padding-free batches."""
@@ -35,7 +36,7 @@ class TokenCounter:
         self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
         labels = inputs.get("labels")
         if labels is not None:
-            self.supervised += int((labels[:, 1:] != IGNORE).sum())
+            self.supervised += int(predicts_label(labels).sum())  # where the loss computes logits
 
 
 class ProgressAndMetrics(TrainerCallback):

@@ -29,12 +29,17 @@ import torch.nn.functional as F
 from chattune.data.render import IGNORE
 
 
+def predicts_label(labels: torch.Tensor) -> torch.Tensor:
+    """Over positions 0..T-2: whether position t predicts a supervised token (labels[t + 1] is not IGNORE)."""
+    return labels[:, 1:] != IGNORE
+
+
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep mask over input positions, their target ids): position t predicts labels[t + 1]."""
     shifted = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = shifted != IGNORE
-    return keep, shifted[shifted != IGNORE]
+    keep[:, :-1] = predicts_label(labels)
+    return keep, shifted[keep[:, :-1]]
 
 
 CHUNK_ROWS = 64  # on a CPU: 64 x 152k float32 (Qwen's vocabulary) = 39 MB of temporaries
